@@ -1,0 +1,35 @@
+# Adaptive Depth Networks: `make help` lists the targets.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?= resnet_mini
+
+.DEFAULT_GOAL := help
+.PHONY: help install test demo bench lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the project with the tested pins (constraints.txt)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install  ## run the test suite (CPU only, a few minutes)
+	$(PY) -m pytest -q
+
+demo: install  ## the main job on the embedded default: every skip mask of a small ADN (MODEL=resnet_mini)
+	$(PY) -m adn.summary --model $(MODEL)
+
+bench: install  ## performance measurements that print ratios (benchmarks/)
+	$(PY) benchmarks/inference.py
+
+lint: install  ## ruff
+	$(PY) -m ruff check adn pipeline search tests benchmarks
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

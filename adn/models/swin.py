@@ -1,0 +1,32 @@
+"""Swin Transformer ADN (timm's SwinTransformer).
+
+Stages of 2, 2, 6, 2 blocks, the last 1, 1, 3, 1 skippable. Both LayerNorms of mandatory blocks
+switch, and so does the patch-merging norm in front of stage k, which follows bit k.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from timm.models.swin_transformer import SwinTransformer
+from torch import nn
+
+from ..network import AdaptiveDepthMixin, adaptify, skippable, split_stage
+from ..norms import make_switchable
+from ..registry import register_model
+
+
+class ADNSwinTransformer(AdaptiveDepthMixin, SwinTransformer):
+    """timm Swin with one skippable sub-path per stage."""
+
+
+@register_model
+def swin_t(pretrained: bool = False, **kwargs: Any) -> ADNSwinTransformer:
+    """Swin-T-ADN at 224x224."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=pretrained, **kwargs)
+    for bit, stage in enumerate(model.layers):
+        if not isinstance(stage.downsample, nn.Identity):
+            make_switchable(stage.downsample, ["norm"], bit)
+        stage.blocks = skippable(split_stage(stage.blocks, bit, ("norm1", "norm2")))
+    return adaptify(model, ADNSwinTransformer, "swin_t")

@@ -1,0 +1,142 @@
+"""Adaptive depth on top of a timm model: skippable block sequences and the mask-driven forward.
+
+A family file builds the plain timm model, replaces each stage's block sequence by a
+``SkippableSequential``, makes the norms of mandatory blocks switchable, and calls ``adaptify``.
+The model stays an instance of its timm class (a subclass of it), so timm's state-dict keys,
+``forward_features`` and data config keep working; only ``forward`` gains the ``skip`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .masks import MaskLike, SkipMask
+from .norms import SwitchableNorm, make_switchable
+
+
+class SkippableSequential(nn.Sequential):
+    """Blocks run in order; block ``i`` is left out when stage ``bits[i]`` is skipped (``None``: mandatory)."""
+
+    def __init__(self, blocks: Iterable[nn.Module], bits: Sequence[int | None]) -> None:
+        super().__init__(*blocks)
+        if len(bits) != len(self):
+            raise ValueError(f"got {len(bits)} stage bits for {len(self)} blocks; give one per block.")
+        self.bits = tuple(bits)
+        self.keep = (True,) * len(self.bits)
+        self.grad_checkpointing = False
+
+    def set_skip(self, mask: SkipMask) -> None:
+        self.keep = tuple(bit is None or not mask[bit] for bit in self.bits)
+
+    def kept_blocks(self, mask: SkipMask) -> list[nn.Module]:
+        """The blocks ``mask`` runs, in order."""
+        return [block for block, bit in zip(self, self.bits, strict=True) if bit is None or not mask[bit]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block, keep in zip(self, self.keep, strict=True):
+            if not keep:
+                continue
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def split_stage(
+    blocks: Iterable[nn.Module], bit: int, norm_names: Iterable[str]
+) -> list[tuple[nn.Module, int | None]]:
+    """Split one stage as the paper does: the first ceil(n/2) blocks are mandatory, the rest skippable.
+
+    The named norms of the mandatory blocks become switchable pairs following ``bit``.
+    Returns (block, bit or None) pairs for ``SkippableSequential``.
+    """
+    blocks = list(blocks)
+    if len(blocks) < 2:
+        raise ValueError(f"stage {bit + 1} has {len(blocks)} block(s); a skippable stage needs at least 2.")
+    num_mandatory = math.ceil(len(blocks) / 2)
+    norm_names = tuple(norm_names)
+    for block in blocks[:num_mandatory]:
+        make_switchable(block, norm_names, bit)
+    return [(b, None if i < num_mandatory else bit) for i, b in enumerate(blocks)]
+
+
+def skippable(pairs: Iterable[tuple[nn.Module, int | None]]) -> SkippableSequential:
+    """Build a ``SkippableSequential`` from ``split_stage`` output (one or more stages concatenated)."""
+    pairs = list(pairs)
+    return SkippableSequential([b for b, _ in pairs], [bit for _, bit in pairs])
+
+
+class AdaptiveDepthMixin:
+    """Mixed in front of a timm model class: ``model(x, skip="TTFF")`` runs that sub-network.
+
+    Switching sets a flag on each stage container and switchable norm, and only when the mask
+    changes: no weights move and nothing is rebuilt. ``forward_features``/``forward_head`` use
+    the mask of the last ``forward`` or ``set_skip`` call. One mask at a time per model object:
+    serve different masks concurrently from ``export_subnet`` copies.
+    """
+
+    adn_name: str
+    num_stages: int
+    _skippable: tuple[SkippableSequential, ...]
+    _switchable_norms: tuple[SwitchableNorm, ...]
+    _skip_mask: SkipMask
+
+    def forward(self, x: torch.Tensor, skip: MaskLike = None) -> torch.Tensor:
+        self.set_skip(skip)
+        return super().forward(x)  # type: ignore[misc]
+
+    def set_skip(self, skip: MaskLike) -> SkipMask:
+        """Select the sub-network used by later forwards; returns the parsed mask."""
+        mask = SkipMask.parse(skip, self.num_stages, self.adn_name)
+        if mask != self._skip_mask:
+            for norm in self._switchable_norms:
+                norm.skipped = mask[norm.bit]
+            for container in self._skippable:
+                container.set_skip(mask)
+            self._skip_mask = mask
+        return mask
+
+    @property
+    def skip_mask(self) -> SkipMask:
+        return self._skip_mask
+
+    def masks(self) -> list[SkipMask]:
+        """All 2^S masks, super-net first, base-net last."""
+        return list(SkipMask.all(self.num_stages))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # timm's own checkpointing iterates the raw blocks and would ignore the mask.
+        for container in self._skippable:
+            container.grad_checkpointing = enable
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def adaptify(model: nn.Module, cls: type[M], name: str) -> M:
+    """Turn a timm model whose stages were made skippable into the ADN class ``cls`` (a subclass of its own)."""
+    if not issubclass(cls, type(model)) or not issubclass(cls, AdaptiveDepthMixin):
+        raise TypeError(f"{cls.__name__} must subclass AdaptiveDepthMixin and {type(model).__name__}.")
+    model.__class__ = cls
+    model.adn_name = name
+    model._skippable = tuple(m for m in model.modules() if isinstance(m, SkippableSequential))
+    model._switchable_norms = tuple(m for m in model.modules() if isinstance(m, SwitchableNorm))
+    bits = {b for c in model._skippable for b in c.bits if b is not None}
+    if not bits or bits != set(range(max(bits) + 1)):
+        raise ValueError(f"{name}: skippable stage bits must be 0..S-1 with none missing, got {sorted(bits)}.")
+    model.num_stages = len(bits)
+    model._skip_mask = SkipMask.base_net(model.num_stages)  # differs from the default, so the next call applies
+    model.set_skip(None)
+    return model
+
+
+def plain_class(model: nn.Module) -> type[nn.Module]:
+    """The timm class an ADN model was built from (what an exported sub-network is an instance of)."""
+    return next(c for c in type(model).__mro__ if not issubclass(c, AdaptiveDepthMixin))

@@ -1,0 +1,48 @@
+"""Switchable normalization: one norm per mode of its stage (kept or skipped).
+
+The base-net sees different feature statistics than the super-net, so every norm in a
+mandatory block has two copies (DESIGN.md section 1). Switching is an attribute flip.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class SwitchableNorm(nn.Module):
+    """Two copies of a norm: ``norms[0]`` when stage ``bit`` is kept, ``norms[1]`` when it is skipped."""
+
+    def __init__(self, norm: nn.Module, bit: int) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList([norm, copy.deepcopy(norm)])
+        self.bit = bit
+        self.skipped = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norms[1](x) if self.skipped else self.norms[0](x)
+
+    @property
+    def active(self) -> nn.Module:
+        """The norm the current mask uses."""
+        return self.norms[1] if self.skipped else self.norms[0]
+
+    def extra_repr(self) -> str:
+        return f"bit={self.bit}"
+
+
+def make_switchable(module: nn.Module, names: Iterable[str], bit: int) -> None:
+    """Replace the named norm submodules of ``module`` (dotted paths) by switchable pairs that follow ``bit``.
+
+    The current weights go into both halves, so a pretrained norm starts both modes.
+    """
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        norm = getattr(parent, child)
+        if isinstance(norm, SwitchableNorm):
+            raise ValueError(f"{name} is already switchable; each norm follows one stage bit.")
+        setattr(parent, child, SwitchableNorm(norm, bit))

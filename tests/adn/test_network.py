@@ -1,0 +1,117 @@
+"""The split, the switchable norms and the masked forward of every family, against DESIGN.md."""
+
+import math
+
+import pytest
+import torch
+
+import adn
+from adn import SkipMask, SwitchableNorm
+
+from .families import ALL_MODELS, SPLITS, randomize_norms, resolution
+
+
+def _skippable_paths(name: str) -> dict[str, int]:
+    """Path of every skippable block -> its stage, from the DESIGN.md table."""
+    blocks, skippable, path = SPLITS[name]
+    return {path(s, i): s for s, (n, k) in enumerate(zip(blocks, skippable, strict=True)) for i in range(n - k, n)}
+
+
+def _all_block_paths(name: str) -> list[str]:
+    blocks, _, path = SPLITS[name]
+    return [path(s, i) for s, n in enumerate(blocks) for i in range(n)]
+
+
+def test_mandatory_half_is_ceil_n_over_2():
+    for name, (blocks, skippable, _) in SPLITS.items():
+        assert [n - k for n, k in zip(blocks, skippable, strict=True)] == [math.ceil(n / 2) for n in blocks], name
+
+
+def test_skipped_blocks_are_not_executed_and_norms_follow_their_stage(any_model):
+    name, model = any_model
+    executed: list[str] = []
+    hooks = [
+        model.get_submodule(p).register_forward_hook(lambda *_, p=p: executed.append(p))
+        for p in _all_block_paths(name)
+    ]
+    norm_modes: dict[str, int] = {}
+    for norm_path, norm in model.named_modules():
+        if isinstance(norm, SwitchableNorm):
+            for half in (0, 1):
+                hooks.append(norm.norms[half].register_forward_hook(
+                    lambda *_, p=norm_path, h=half: norm_modes.__setitem__(p, h)))
+    skippable = _skippable_paths(name)
+    x = torch.randn(1, 3, resolution(model), resolution(model))
+    try:
+        for mask in model.masks():
+            executed.clear()
+            norm_modes.clear()
+            with torch.no_grad():
+                model(x, skip=mask)
+            expected = [p for p in _all_block_paths(name) if p not in skippable or not mask[skippable[p]]]
+            assert executed == expected, (name, str(mask))
+            for norm_path, norm in model.named_modules():
+                if isinstance(norm, SwitchableNorm):
+                    assert norm_modes[norm_path] == int(mask[norm.bit]), (name, str(mask), norm_path)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_outputs_are_deterministic_and_switching_is_free(any_model):
+    name, model = any_model
+    x = torch.randn(2, 3, resolution(model), resolution(model))
+    tensors_before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    modules_before = [id(m) for m in model.modules()]
+    with torch.no_grad():
+        first = {str(m): model(x, skip=m) for m in model.masks()}
+        again = {str(m): model(x, skip=m) for m in reversed(model.masks())}
+    for mask, out in first.items():
+        assert torch.equal(out, again[mask]), (name, mask)
+    assert len({tuple(o.flatten()[:4].tolist()) for o in first.values()}) == len(first), "masks must differ"
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors_before
+    assert [id(m) for m in model.modules()] == modules_before
+
+
+def test_switchable_norms_are_exactly_the_designed_ones():
+    def switchable(name):
+        model = adn.create_model(name, num_classes=10)
+        return {p: m.bit for p, m in model.named_modules() if isinstance(m, SwitchableNorm)}
+
+    mandatory = {s: [i for i in range(n - k)] for s, (n, k) in enumerate(zip((3, 4, 6, 3), (1, 2, 3, 1), strict=True))}
+    assert switchable("resnet50") == {
+        f"layer{s + 1}.{i}.bn{j}": s for s, idx in mandatory.items() for i in idx for j in (1, 2, 3)
+    }
+    swin = switchable("swin_t")
+    assert {p: b for p, b in swin.items() if "downsample" in p} == {f"layers.{k}.downsample.norm": k for k in (1, 2, 3)}
+    assert len(swin) == 3 + 2 * (1 + 1 + 3 + 1)
+    vit = switchable("vit_b16")
+    assert vit == {f"blocks.{3 * s + i}.norm{j}": s for s in range(4) for i in range(2) for j in (1, 2)}
+    mnv2 = switchable("mobilenet_v2")
+    assert mnv2["bn1"] == 0 and mnv2["blocks.0.0.bn1"] == 0 and mnv2["blocks.0.0.bn2"] == 0
+    assert mnv2["bn2"] == 4 and all(mnv2[f"blocks.6.0.bn{j}"] == 4 for j in (1, 2, 3))
+    assert "blocks.1.1.bn1" not in mnv2 and mnv2["blocks.4.1.bn3"] == 3
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_gradients_reach_only_the_active_path(name):
+    torch.manual_seed(0)
+    model = randomize_norms(adn.create_model(name, num_classes=10)).train()
+    x = torch.randn(2, 3, resolution(model), resolution(model))
+    skippable = _skippable_paths(name)
+    S = model.num_stages
+
+    model.zero_grad(set_to_none=True)
+    model(x, skip=SkipMask.super_net(S)).logsumexp(-1).sum().backward()
+    for path, norm in model.named_modules():
+        if isinstance(norm, SwitchableNorm):
+            assert all(p.grad is None for p in norm.norms[1].parameters()), f"{name}: skip-side {path} got a gradient"
+            assert all(p.grad is not None for p in norm.norms[0].parameters()), path
+
+    model.zero_grad(set_to_none=True)
+    model(x, skip=SkipMask.base_net(S)).logsumexp(-1).sum().backward()
+    for path in skippable:
+        assert all(p.grad is None for p in model.get_submodule(path).parameters()), f"{name}: {path} got a gradient"
+    for norm in (m for m in model.modules() if isinstance(m, SwitchableNorm)):
+        assert all(p.grad is None for p in norm.norms[0].parameters())
+        assert all(p.grad is not None for p in norm.norms[1].parameters())
