@@ -1,6 +1,8 @@
 """Adaptive Depth Networks: one network trained once whose depth is cut at test time by a skip mask."""
 
 from . import models  # noqa: F401  (registers the families)
+from .complexity import count_flops, count_params
+from .export import export_subnet
 from .masks import SkipMask
 from .network import AdaptiveDepthMixin, SkippableSequential
 from .norms import SwitchableNorm
@@ -11,7 +13,10 @@ __all__ = [
     "SkipMask",
     "SkippableSequential",
     "SwitchableNorm",
+    "count_flops",
+    "count_params",
     "create_model",
+    "export_subnet",
     "list_models",
     "register_model",
 ]
