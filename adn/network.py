@@ -96,12 +96,15 @@ class AdaptiveDepthMixin:
         """Select the sub-network used by later forwards; returns the parsed mask."""
         mask = SkipMask.parse(skip, self.num_stages, self.adn_name)
         if mask != self._skip_mask:
-            for norm in self._switchable_norms:
-                norm.skipped = mask[norm.bit]
-            for container in self._skippable:
-                container.set_skip(mask)
-            self._skip_mask = mask
+            self._switch_to(mask)
         return mask
+
+    def _switch_to(self, mask: SkipMask) -> None:
+        for norm in self._switchable_norms:
+            norm.skipped = mask[norm.bit]
+        for container in self._skippable:
+            container.set_skip(mask)
+        self._skip_mask = mask
 
     @property
     def skip_mask(self) -> SkipMask:
@@ -132,8 +135,7 @@ def adaptify(model: nn.Module, cls: type[M], name: str) -> M:
     if not bits or bits != set(range(max(bits) + 1)):
         raise ValueError(f"{name}: skippable stage bits must be 0..S-1 with none missing, got {sorted(bits)}.")
     model.num_stages = len(bits)
-    model._skip_mask = SkipMask.base_net(model.num_stages)  # differs from the default, so the next call applies
-    model.set_skip(None)
+    model._switch_to(SkipMask.super_net(model.num_stages))
     return model
 
 

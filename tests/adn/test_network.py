@@ -115,3 +115,24 @@ def test_gradients_reach_only_the_active_path(name):
     for norm in (m for m in model.modules() if isinstance(m, SwitchableNorm)):
         assert all(p.grad is None for p in norm.norms[0].parameters())
         assert all(p.grad is not None for p in norm.norms[1].parameters())
+
+
+def test_gradient_checkpointing_keeps_the_mask():
+    torch.manual_seed(0)
+    model = randomize_norms(adn.create_model("resnet_mini", num_classes=10)).train()
+    x = torch.randn(4, 3, 32, 32)
+    reference = {}
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = model(x, skip="TFTF")
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        reference.setdefault("out", out.detach())
+        reference.setdefault("grads", grads)
+        torch.testing.assert_close(out.detach(), reference["out"])
+        assert grads.keys() == reference["grads"].keys()
+        assert not any(k.startswith(("layer1.1.", "layer3.1.")) for k in grads)
+        for k, g in grads.items():
+            torch.testing.assert_close(g, reference["grads"][k])
