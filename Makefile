@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 test: install  ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q
 
-demo: install  ## the main job on the embedded default: every skip mask of a small ADN (MODEL=resnet_mini)
+demo: install  ## the main path on the embedded digits: shards in data/digits, every skip mask of a small ADN
+	$(PY) -m pipeline.data.shard digits --out data/digits
 	$(PY) -m adn.summary --model $(MODEL)
 
 bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/dataloader.py
 
 lint: install  ## ruff
 	$(PY) -m ruff check adn pipeline search tests benchmarks

@@ -1,0 +1,126 @@
+"""The streaming loader: exact validation across ranks, even training batches, bad samples, clear errors."""
+
+import io
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import DataError, make_loader
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shard import write_shards
+from pipeline.data.sources import SampleRef, digits_samples
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    classes, splits = digits_samples()
+    for split, refs in splits.items():
+        write_shards(refs, classes, out, split, shard_size=100)
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_ranks_visit_every_validation_sample_exactly_once(digits_dir, num_workers):
+    expected = {r.key: r.label for r in digits_samples()[1]["val"]}
+    seen = []
+    labels = {}
+    for rank in range(2):
+        loader = make_loader(digits_dir, "val", 32, "resnet_mini", rank=rank, world_size=2, num_workers=num_workers)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for b in batches:
+            assert b.images.shape[1:] == (3, 32, 32)
+            seen += b.keys
+            labels.update(zip(b.keys, b.labels.tolist(), strict=True))
+    assert sorted(seen) == sorted(expected)
+    assert labels == expected
+
+
+def _uneven_shards(tmp_path):
+    """Shards of 30, 90, 30, 90, 60 samples: counts that differ threefold."""
+    classes, splits = digits_samples()
+    refs = splits["train"][:300]
+    directory = tmp_path / "uneven"
+    sizes = [30, 90, 30, 90, 60]
+    start = 0
+    infos = []
+    for i, size in enumerate(sizes):
+        part = write_shards(refs[start : start + size], classes, tmp_path / f"p{i}", "train", shard_size=size)
+        directory.mkdir(exist_ok=True)
+        (tmp_path / f"p{i}" / "train-000000.tar").rename(directory / f"train-{i:06d}.tar")
+        infos.append(part.shards[0].__class__(f"train-{i:06d}.tar", *list(vars(part.shards[0]).values())[1:]))
+        start += size
+    part.shards = infos
+    part.num_samples = sum(sizes)
+    part.write(directory)
+    return directory
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_get_the_same_number_of_batches_over_uneven_shards(tmp_path, num_workers):
+    directory = _uneven_shards(tmp_path)
+    assert sorted(s.num_samples for s in read_manifest(directory, "train").shards) == [30, 30, 60, 90, 90]
+    counts = []
+    for rank in range(2):
+        loader = make_loader(directory, "train", 16, "resnet_mini", rank=rank, world_size=2, num_workers=num_workers)
+        batches = list(loader)
+        assert all(b.images.shape[0] == 16 for b in batches)
+        counts.append(len(batches))
+        assert len(batches) == len(loader) == 300 // (2 * 16)
+    assert counts[0] == counts[1]
+
+
+def _jpeg(seed):
+    pixels = torch.randint(0, 255, (24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    image = Image.fromarray(pixels.numpy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_corrupt_jpeg_and_truncated_member_are_skipped_and_reported(tmp_path, caplog):
+    refs = [SampleRef(f"img_{i:02d}", i % 3, "jpg", data=_jpeg(i)) for i in range(10)]
+    refs[4] = SampleRef("img_04", 1, "jpg", data=b"\xff\xd8\xff\xe0 this is not a jpeg" * 20)
+    manifest = write_shards(refs, ["a", "b", "c"], tmp_path, "val", shard_size=10, shuffle_seed=None)
+    shard = tmp_path / manifest.shards[0].name
+    order = [r.key for r in sorted(refs, key=lambda r: r.key)]
+    # cut the tar inside the image member of the last sample
+    data = shard.read_bytes()
+    cut = data.index(b"img_09.jpg") + 512 + 100
+    shard.write_bytes(data[:cut])
+    manifest.shards[0].bytes = cut
+    manifest.write(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        loader = make_loader(tmp_path, "val", 4, "resnet_mini", num_workers=0)
+        keys = [k for b in loader for k in b.keys]
+    assert keys == [k for k in order if k not in ("img_04", "img_09")]
+    assert loader.bad_samples == 2
+    assert "img_04" in caplog.text and "img_09" in caplog.text
+
+
+def test_missing_or_inconsistent_shards_fail_before_streaming(tmp_path, digits_dir):
+    with pytest.raises(DataError, match="does not exist"):
+        make_loader(tmp_path / "nowhere", "train", 8)
+    with pytest.raises(DataError, match="no manifest"):
+        make_loader(tmp_path, "train", 8)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in digits_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "val-000001.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="val-000001.tar.*the shards and the manifest disagree"):
+        make_loader(broken, "val", 8)
+    (broken / "val-000001.tar").write_bytes((digits_dir / "val-000001.tar").read_bytes())
+    (broken / "val-000002.tar").unlink()
+    with pytest.raises(DataError, match="val-000002.tar.*is missing"):
+        make_loader(broken, "val", 8)
+
+
+def test_recipe_transforms_shape_the_batches(digits_dir):
+    loader = make_loader(digits_dir, "train", 8, "vit_b16", num_workers=0)
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, 224, 224)
+    assert batch.labels.shape == (8, 10) and torch.allclose(batch.labels.sum(1), torch.ones(8))  # mixup/cutmix
