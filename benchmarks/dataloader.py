@@ -5,7 +5,10 @@ Repeat with:  .venv/bin/python benchmarks/dataloader.py [--images 2000] [--worke
 The images are real photographs (scikit-learn's sample photos), cropped at random and resized to
 ImageNet's typical sizes (about 500x375, either orientation), saved as JPEG quality 90 in an
 ImageNet folder tree, then sharded. Both loaders use the resnet50 recipe's training transforms,
-the same batch size and the same worker count; rounds alternate, figures are medians.
+the same batch size and the same worker count; rounds alternate, figures are medians. ImageFolder
+runs every step per image in its workers (torchvision's way); the shard loader decodes JPEGs with
+libjpeg-turbo (simplejpeg, identical pixels), ships uint8 and normalizes each batch in one
+vectorized step in the consuming process (timm's PrefetchLoader does this on the GPU).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pipeline.data import make_loader
 from pipeline.data.shard import write_shards
 from pipeline.data.sources import imagenet_samples
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import per_image_steps, train_transform
 from pipeline.recipes import load_recipe
 
 
@@ -66,7 +70,8 @@ def main() -> None:
         write_shards(refs, classes, shards, "train", shard_size=250, workers=args.workers)
 
         recipe = load_recipe("resnet50")
-        transform = train_transform(recipe["data"])
+        # torchvision's way: every step per image, float tensors out of the workers.
+        transform = v2.Compose([train_transform(recipe["data"]), *per_image_steps(recipe["data"])])
         folder = torch.utils.data.DataLoader(
             ImageFolder(str(root / "train"), transform=transform), batch_size=args.batch_size, shuffle=True,
             num_workers=args.workers, drop_last=True)

@@ -124,3 +124,33 @@ def test_recipe_transforms_shape_the_batches(digits_dir):
     batch = next(iter(loader))
     assert batch.images.shape == (8, 3, 224, 224)
     assert batch.labels.shape == (8, 10) and torch.allclose(batch.labels.sum(1), torch.ones(8))  # mixup/cutmix
+
+
+def test_batch_normalize_equals_torchvisions_per_image_steps():
+    from torchvision.transforms import v2
+
+    from pipeline.data.transforms import Normalize, per_image_steps, train_transform
+    from pipeline.recipes import load_recipe
+
+    data = dict(load_recipe("swin_t")["data"], random_erase=0.0)
+    images = [Image.fromarray(torch.randint(0, 255, (300, 400, 3), dtype=torch.uint8).numpy()) for _ in range(3)]
+    torch.manual_seed(0)
+    per_image = torch.stack([v2.Compose([train_transform(data), *per_image_steps(data)])(im) for im in images])
+    torch.manual_seed(0)
+    batched = Normalize(data, train=True)(torch.stack([train_transform(data)(im) for im in images]))
+    torch.testing.assert_close(batched, per_image, rtol=1e-5, atol=1e-5)
+
+
+def test_jpeg_decoding_matches_pillow_pixel_for_pixel():
+    import numpy as np
+    from sklearn.datasets import load_sample_image
+
+    from pipeline.data.loader import decode_image
+
+    for name in ("china.jpg", "flower.jpg"):
+        for mode in ("RGB", "L", "CMYK"):
+            buffer = io.BytesIO()
+            Image.fromarray(load_sample_image(name)).convert(mode).save(buffer, format="JPEG", quality=90)
+            ours = decode_image(buffer.getvalue())
+            pillow = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+            assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(pillow)), (name, mode)
