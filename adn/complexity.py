@@ -10,6 +10,7 @@ the ops the chosen mask executes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -106,14 +107,16 @@ def count_flops(model: nn.Module, mask: MaskLike = None, resolution: int = 224) 
     return counter.get_total_flops() // 2
 
 
-def mask_costs(model: nn.Module, resolution: int = 224) -> list[MaskCost]:
-    """Params and FLOPs of every mask of an ADN model, super-net first."""
+def mask_costs(model: nn.Module, resolution: int = 224, masks: Iterable[MaskLike] | None = None) -> list[MaskCost]:
+    """Params and FLOPs of ``masks`` (default: every mask, super-net first); the model keeps its current mask."""
     if not isinstance(model, AdaptiveDepthMixin):
         raise TypeError(f"{type(model).__name__} is not an ADN model; build one with adn.create_model.")
     previous = model.skip_mask
     try:
         return [
-            MaskCost(str(m), count_params(model, m), count_flops(model, m, resolution)) for m in model.masks()
+            MaskCost(str(SkipMask.parse(m, model.num_stages, model.adn_name)), count_params(model, m),
+                     count_flops(model, m, resolution))
+            for m in (model.masks() if masks is None else masks)
         ]
     finally:
         model.set_skip(previous)

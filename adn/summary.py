@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from .complexity import MaskCost, count_flops, count_params
+from .complexity import MaskCost, count_params, mask_costs
 from .registry import create_model, list_models
 
 
@@ -52,8 +52,7 @@ def summarize(name: str, resolution: int | None = None, progress: bool = False) 
     resolution = resolution or default
     masks = tqdm(model.masks(), desc=f"{name} masks", disable=None if progress else True, file=sys.stderr,
                  leave=False)
-    costs = [MaskCost(str(m), count_params(model, m), count_flops(model, m, resolution)) for m in masks]
-    return Summary(name, resolution, count_params(model), costs)
+    return Summary(name, resolution, count_params(model), mask_costs(model, resolution, masks))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
