@@ -112,11 +112,11 @@ def mask_costs(model: nn.Module, resolution: int = 224, masks: Iterable[MaskLike
     if not isinstance(model, AdaptiveDepthMixin):
         raise TypeError(f"{type(model).__name__} is not an ADN model; build one with adn.create_model.")
     previous = model.skip_mask
+    costs = []
     try:
-        return [
-            MaskCost(str(SkipMask.parse(m, model.num_stages, model.adn_name)), count_params(model, m),
-                     count_flops(model, m, resolution))
-            for m in (model.masks() if masks is None else masks)
-        ]
+        for m in model.masks() if masks is None else masks:
+            mask = SkipMask.parse(m, model.num_stages, model.adn_name)
+            costs.append(MaskCost(str(mask), count_params(model, mask), count_flops(model, mask, resolution)))
+        return costs
     finally:
         model.set_skip(previous)

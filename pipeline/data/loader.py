@@ -184,6 +184,13 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
+def _decode_and_batch(transform: Callable[[Image.Image], torch.Tensor], bad: BadSamples, batch_size: int,
+                      partial: bool) -> list[Any]:
+    """Pipeline stages: decode and transform each sample, drop the bad ones, collate batches."""
+    return [wds.map(_decoder(transform, bad)), wds.select(lambda s: s is not None),
+            wds.batched(batch_size, collation_fn=_collate, partial=partial)]
+
+
 def _collate(samples: list[tuple[torch.Tensor, int, str]]) -> Batch:
     images, labels, keys = zip(*samples, strict=True)
     # default_collate stacks straight into shared memory inside a DataLoader worker: no copy on the way out.
@@ -268,16 +275,13 @@ def make_loader(
         stages = [_EpochShards([str(directory / s.name) for s in manifest.shards], seeds, world_size),
                   wds.tarfile_to_samples(handler=bad.tar_handler),
                   _seeded_shuffle(seeds, buffer),
-                  wds.map(_decoder(train_transform(data), bad)), wds.select(lambda s: s is not None),
-                  wds.batched(batch_size, collation_fn=_collate, partial=False)]
+                  *_decode_and_batch(train_transform(data), bad, batch_size, partial=False)]
         pipeline = wds.DataPipeline(*stages)
         # Each worker stops after its share; together the rank yields exactly num_batches.
         pipeline = _PerWorkerEpoch(pipeline, num_batches)
     else:
         exact = _ExactSamples(manifest, directory, rank, world_size, bad)
-        pipeline = wds.DataPipeline(exact, wds.map(_decoder(val_transform(data), bad)),
-                                    wds.select(lambda s: s is not None),
-                                    wds.batched(batch_size, collation_fn=_collate, partial=True))
+        pipeline = wds.DataPipeline(exact, *_decode_and_batch(val_transform(data), bad, batch_size, partial=True))
         num_batches = 0
         for w in range(workers):
             start, stop = exact.part_range(rank * workers + w, world_size * workers)

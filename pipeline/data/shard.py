@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .manifest import DataError, Manifest, ShardInfo, sha256_of
-from .sources import SampleRef, digits_samples, imagenet_samples
+from .sources import SampleRef, digits_samples, imagenet_samples, imagenet_splits
 
 # Fixed member times, so the same samples always give byte-identical shards. An int: a float mtime
 # makes tarfile add a PAX header to every member, which doubles the header parsing when streaming.
@@ -52,20 +53,37 @@ def _plan_digest(shards: list[list[SampleRef]]) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(path: str, refs: list[SampleRef]) -> None:
+class _HashingFile:
+    """A write-only file that hashes and counts what passes through, so a shard is never read back."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.raw.write(data)
+
+
+def _write_shard(path: str, refs: list[SampleRef]) -> ShardInfo:
     tmp = path + ".tmp"
-    handles: dict[str, object] = {}
+    handles: dict[str, io.BufferedReader] = {}
     try:
-        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
-            for ref in refs:
-                handle = None
-                if ref.offset >= 0:
-                    handle = handles.get(ref.path) or handles.setdefault(ref.path, open(ref.path, "rb"))  # noqa: SIM115
-                writer.write({"__key__": ref.key, ref.ext: ref.read(handle), "cls": str(ref.label).encode()})
+        with open(tmp, "wb") as raw:
+            stream = _HashingFile(raw)
+            with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
+                for ref in refs:
+                    handle = None
+                    if ref.offset >= 0:
+                        if ref.path not in handles:
+                            handles[ref.path] = open(ref.path, "rb")  # noqa: SIM115 - closed below
+                        handle = handles[ref.path]
+                    writer.write({"__key__": ref.key, ref.ext: ref.read(handle), "cls": str(ref.label).encode()})
     finally:
         for handle in handles.values():
             handle.close()
     os.replace(tmp, path)
+    return ShardInfo(os.path.basename(path), len(refs), stream.sha256.hexdigest(), stream.bytes)
 
 
 def write_shards(
@@ -95,23 +113,26 @@ def write_shards(
     plan_file.write_text(digest + "\n")
     for stale in out.glob(f"{split}-*.tar.tmp"):
         stale.unlink()
-    todo = [i for i, name in enumerate(names) if not (out / name).is_file()]
-    bar = tqdm(total=len(names), initial=len(names) - len(todo), desc=f"{split} shards", unit="shard",
+    # Shards finished by an earlier, interrupted run are hashed from disk; new ones while they are written.
+    infos: dict[int, ShardInfo] = {
+        i: ShardInfo(name, len(shards[i]), sha256_of(out / name), (out / name).stat().st_size)
+        for i, name in enumerate(names) if (out / name).is_file()
+    }
+    todo = [i for i in range(len(names)) if i not in infos]
+    bar = tqdm(total=len(names), initial=len(infos), desc=f"{split} shards", unit="shard",
                disable=None if progress else True, file=sys.stderr)
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_write_shard, str(out / names[i]), shards[i]) for i in todo]
-            for future in futures:
-                future.result()
+            futures = {i: pool.submit(_write_shard, str(out / names[i]), shards[i]) for i in todo}
+            for i, future in futures.items():
+                infos[i] = future.result()
                 bar.update()
     else:
         for i in todo:
-            _write_shard(str(out / names[i]), shards[i])
+            infos[i] = _write_shard(str(out / names[i]), shards[i])
             bar.update()
     bar.close()
-    infos = [ShardInfo(name, len(shard), sha256_of(out / name), (out / name).stat().st_size)
-             for name, shard in zip(names, shards, strict=True)]
-    manifest = Manifest(split, len(refs), classes, infos,
+    manifest = Manifest(split, len(refs), classes, [infos[i] for i in range(len(names))],
                         {"shard_size": shard_size, "shuffle_seed": shuffle_seed, **(extra or {})})
     manifest.write(out)
     return manifest
@@ -141,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes, splits = digits_samples(args.seed)
             jobs = [(split, classes, refs) for split, refs in splits.items()]
         else:
-            wanted = [args.split] if args.split else [
-                s for s in ("train", "val")
-                if (Path(args.src) / s).is_dir() or (Path(args.src) / f"ILSVRC2012_img_{s}.tar").is_file()]
+            wanted = [args.split] if args.split else imagenet_splits(args.src)
             if not wanted:
                 raise DataError(f"{args.src!r} has no train/ or val/ folders and no ILSVRC2012_img_*.tar archives.")
             jobs = [(s, *imagenet_samples(args.src, s, args.val_labels)) for s in wanted]

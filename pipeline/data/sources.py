@@ -61,6 +61,13 @@ def imagenet_samples(src: str | os.PathLike[str], split: str,
                     "point --src at an ImageNet root.")
 
 
+def imagenet_splits(src: str | os.PathLike[str]) -> list[str]:
+    """The splits an ImageNet root holds, as folders or original archives."""
+    src = Path(src)
+    archives = {"train": TRAIN_TAR, "val": VAL_TAR}
+    return [s for s in ("train", "val") if (src / s).is_dir() or (src / archives[s]).is_file()]
+
+
 def _image_ext(name: str) -> str | None:
     return IMAGE_EXTS.get(os.path.splitext(name)[1].lower())
 

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "autoaugment")
 
@@ -71,7 +70,8 @@ def train_transform(data: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     elif policy == "autoaugment":
         steps.append(v2.AutoAugment(interpolation=interpolation))
     elif policy is not None:
-        raise ValueError(f"unknown auto_augment {policy!r} in the recipe; use one of {', '.join(AUTO_AUGMENT)} or null.")
+        raise ValueError(f"unknown auto_augment {policy!r} in the recipe; "
+                         f"use one of {', '.join(AUTO_AUGMENT)} or null.")
     steps.append(v2.PILToTensor())
     return v2.Compose(steps)
 

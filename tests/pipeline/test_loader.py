@@ -1,5 +1,6 @@
 """The streaming loader: exact validation across ranks, even training batches, bad samples, clear errors."""
 
+import dataclasses
 import io
 import logging
 
@@ -47,11 +48,11 @@ def _uneven_shards(tmp_path):
     sizes = [30, 90, 30, 90, 60]
     start = 0
     infos = []
+    directory.mkdir()
     for i, size in enumerate(sizes):
         part = write_shards(refs[start : start + size], classes, tmp_path / f"p{i}", "train", shard_size=size)
-        directory.mkdir(exist_ok=True)
         (tmp_path / f"p{i}" / "train-000000.tar").rename(directory / f"train-{i:06d}.tar")
-        infos.append(part.shards[0].__class__(f"train-{i:06d}.tar", *list(vars(part.shards[0]).values())[1:]))
+        infos.append(dataclasses.replace(part.shards[0], name=f"train-{i:06d}.tar"))
         start += size
     part.shards = infos
     part.num_samples = sum(sizes)
