@@ -8,8 +8,9 @@ The model stays an instance of its timm class (a subclass of it), so timm's stat
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -30,6 +31,10 @@ class SkippableSequential(nn.Sequential):
         self.bits = tuple(bits)
         self.keep = (True,) * len(self.bits)
         self.grad_checkpointing = False
+        # A stage ends after its last (skippable) block; its output is taken there whether that block runs or not.
+        self.stage_ends = {i: bit for bit in {b for b in bits if b is not None}
+                           for i in [max(j for j, b in enumerate(bits) if b == bit)]}
+        self.recorder: dict[int, torch.Tensor] | None = None
 
     def set_skip(self, mask: SkipMask) -> None:
         self.keep = tuple(bit is None or not mask[bit] for bit in self.bits)
@@ -39,13 +44,14 @@ class SkippableSequential(nn.Sequential):
         return [block for block, bit in zip(self, self.bits, strict=True) if bit is None or not mask[bit]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block, keep in zip(self, self.keep, strict=True):
-            if not keep:
-                continue
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        for i, (block, keep) in enumerate(zip(self, self.keep, strict=True)):
+            if keep:
+                if self.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+            if self.recorder is not None and i in self.stage_ends:
+                self.recorder[self.stage_ends[i]] = x
         return x
 
 
@@ -84,6 +90,8 @@ class AdaptiveDepthMixin:
 
     adn_name: str
     num_stages: int
+    #: the channel dimension of stage outputs (NCHW CNNs: 1; token and NHWC transformers: -1)
+    channel_dim: int = 1
     _skippable: tuple[SkippableSequential, ...]
     _switchable_norms: tuple[SwitchableNorm, ...]
     _skip_mask: SkipMask
@@ -113,6 +121,22 @@ class AdaptiveDepthMixin:
     def masks(self) -> list[SkipMask]:
         """All 2^S masks, super-net first, base-net last."""
         return list(SkipMask.all(self.num_stages))
+
+    @contextlib.contextmanager
+    def record_stage_outputs(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Collect each skippable stage's output (keyed by stage bit) during forwards in this block.
+
+        A skipped stage's output is that of its mandatory sub-path, so the super-net's and a
+        sub-network's outputs of the same stage can be compared (intermediate-feature distillation).
+        """
+        outputs: dict[int, torch.Tensor] = {}
+        for container in self._skippable:
+            container.recorder = outputs
+        try:
+            yield outputs
+        finally:
+            for container in self._skippable:
+                container.recorder = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # timm's own checkpointing iterates the raw blocks and would ignore the mask.

@@ -20,6 +20,8 @@ from ..registry import register_model
 class ADNSwinTransformer(AdaptiveDepthMixin, SwinTransformer):
     """timm Swin with one skippable sub-path per stage."""
 
+    channel_dim = -1
+
 
 @register_model
 def swin_t(pretrained: bool = False, **kwargs: Any) -> ADNSwinTransformer:

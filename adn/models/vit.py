@@ -19,6 +19,8 @@ from ._small import small_input_cfg
 class ADNVisionTransformer(AdaptiveDepthMixin, VisionTransformer):
     """timm ViT whose encoder is cut into stages with one skippable sub-path each."""
 
+    channel_dim = -1
+
 
 def _adaptify(model: VisionTransformer, name: str, num_stages: int = 4) -> ADNVisionTransformer:
     blocks = list(model.blocks)

@@ -10,6 +10,7 @@ per (rank, worker), so every sample is seen exactly once across all ranks.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
@@ -214,7 +215,18 @@ class ShardLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self.loader:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[Batch]:
+        """This epoch's batches from index ``start`` on: the first ``start`` are read but not normalized or mixed.
+
+        Training resumes mid-epoch this way: the stream is replayed to the same position, and the
+        main process's random state (restored by the caller after ``start`` batches) is untouched.
+        """
+        batches = iter(self.loader)
+        for _ in itertools.islice(batches, start):
+            pass
+        for batch in batches:
             images = self.normalize(batch.images.to(self.device, non_blocking=True))
             labels = batch.labels.to(self.device, non_blocking=True)
             if self.mix is not None:
@@ -231,8 +243,11 @@ class ShardLoader:
         return self.manifest.classes
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed shard resampling for ``epoch`` (training), so a resumed run sees the same stream."""
+        """Reseed shard resampling and the workers' augmentation for ``epoch``: a resumed run sees the same stream."""
         self._seeds.epoch = epoch
+        # DataLoader seeds its workers from this generator, not from the global RNG the model uses.
+        digest = hashlib.sha256(f"workers/{self._seeds.seed}/{self._seeds.rank}/{epoch}".encode()).digest()
+        self.loader.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def make_loader(

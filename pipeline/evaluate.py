@@ -1,0 +1,53 @@
+"""Top-1/top-5 of sub-networks on validation shards, summed over ranks.
+
+The validation loader gives every sample to exactly one rank, so the counts summed with one
+all-reduce are the exact accuracy over the whole split, whatever the world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from adn import SkipMask
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    acc1: float  # fraction in 0..1
+    acc5: float
+    samples: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, masks: Sequence[SkipMask | str], *,
+             device: str | torch.device = "cpu", total: int | None = None, progress: bool = False,
+             desc: str = "eval") -> dict[str, Accuracy]:
+    """Accuracy of each mask over ``batches`` of (images, labels, ...), reduced across ranks when distributed."""
+    masks = [str(m) for m in masks]
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(len(masks), 3, dtype=torch.float64, device=device)
+    try:
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, unit="batch"):
+            images, labels = batch[0], batch[1]
+            for i, mask in enumerate(masks):
+                logits = model(images, skip=mask)
+                k = min(5, logits.shape[-1])
+                top = logits.topk(k, dim=-1).indices
+                hit = top.eq(labels.view(-1, 1))
+                counts[i, 0] += hit[:, 0].sum()
+                counts[i, 1] += hit.any(dim=1).sum()
+                counts[i, 2] += labels.numel()
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    result = {}
+    for mask, (c1, c5, n) in zip(masks, counts.tolist(), strict=True):
+        result[mask] = Accuracy(c1 / n if n else 0.0, c5 / n if n else 0.0, int(n))
+    return result

@@ -1,0 +1,477 @@
+"""Train an ADN super-net with DeepSpeed: ``python -m pipeline.train --model resnet50 --data DIR``.
+
+The same command runs as one plain process, under ``deepspeed`` on one node, or on many nodes
+with a hostfile (``deepspeed --hostfile H -m pipeline.train ...``). Every step is the two-pass
+self-distillation of ``pipeline.step`` (or a one-pass baseline with ``--mode``). After each
+epoch the super-net and base-net (every mask with ``--eval-all-masks``) are evaluated on the
+validation shards; a DeepSpeed checkpoint and a portable ``weights.safetensors`` are written,
+and rank 0 tracks the run in MLflow. ``--resume`` continues at the same step with the same LR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from adn import SkipMask, create_model
+from adn.checkpoint import WEIGHTS_NAME, save_weights
+from adn.complexity import mask_costs
+from adn.loss import DistillationConfig
+
+from .checkpoint import CHECKPOINTS, find_checkpoint, prune, rng_state, set_rng_state, step_tag
+from .data import DataError, make_loader, read_manifest
+from .evaluate import Accuracy, evaluate
+from .optim import build_optimizer, build_scheduler
+from .recipes import list_recipes, load_recipe
+from .step import MODES, TrainStep
+from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
+
+log = logging.getLogger("pipeline.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train an ADN super-net (two-pass self-distillation) with DeepSpeed, tracked in MLflow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="ADN model name (adn.list_models()); defaults to the recipe's model")
+    p.add_argument("--data", required=True, help="directory of WebDataset shards with train.json and val.json")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(list_recipes())}) or a YAML file; "
+                                    "defaults to the recipe named after --model")
+    p.add_argument("--mode", choices=MODES, default="adn",
+                   help="adn: two-pass self-distillation; vanilla: the super-net alone; base: the base-net alone")
+    p.add_argument("--output", help="run directory for checkpoints, weights and config (default runs/MODEL-MODE)")
+    p.add_argument("--resume", nargs="?", const="", metavar="PATH",
+                   help="continue from the latest checkpoint of --output, or of PATH")
+    g = p.add_argument_group("recipe overrides")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="samples per rank per step")
+    g.add_argument("--lr", type=float, help="base learning rate")
+    g.add_argument("--alpha", type=float, help="weight of the super-net CE (1 - alpha weighs the KD)")
+    g.add_argument("--temperature", type=float, help="KD temperature T")
+    g.add_argument("--kd-topk", type=int, help="KL over the teacher's top-k classes only (0: all classes)")
+    g.add_argument("--feature-kd", type=float, help="weight of the KL on stage outputs (0: off)")
+    g.add_argument("--clip-grad", type=float, help="gradient-norm clipping (0: off)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of the weights")
+    g = p.add_argument_group("engine")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 on GPU when the recipe asks for AMP, else fp32 (always fp32 on CPU)")
+    g.add_argument("--deepspeed-config", help="JSON file merged over the generated DeepSpeed config")
+    g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs)")
+    g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    g = p.add_argument_group("evaluation, checkpoints, tracking")
+    g.add_argument("--eval-all-masks", action="store_true", help="evaluate all 2^S masks after each epoch")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept on disk")
+    g.add_argument("--log-every", type=int, default=20, help="log training metrics every N steps")
+    g.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    g.add_argument("--experiment", default="adn-train", help="MLflow experiment name")
+    g.add_argument("--run-name", help="MLflow run name (default: the output directory's name)")
+    g.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    g.add_argument("--verify-replicas", action="store_true",
+                   help="after every step, hash each rank's weights into OUTPUT/replicas/rank<R>.jsonl and stop "
+                        "with an error if ranks differ")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Recipe values overridden by flags: the one dict printed, saved, and logged as MLflow params."""
+    recipe_name = args.recipe or args.model
+    if recipe_name is None:
+        raise ValueError("pass --model or --recipe.")
+    recipe = copy.deepcopy(load_recipe(recipe_name))
+    model = args.model or recipe["model"]
+    adn_cfg = dict(recipe.get("adn", {}))
+    for flag, key in (("alpha", "alpha"), ("temperature", "temperature"), ("feature_kd", "feature_kd")):
+        if getattr(args, flag) is not None:
+            adn_cfg[key] = getattr(args, flag)
+    if args.kd_topk is not None:
+        adn_cfg["kd_topk"] = args.kd_topk or None
+    optimizer = dict(recipe["optimizer"])
+    if args.lr is not None:
+        optimizer["lr"] = args.lr
+    cfg = {
+        "model": model,
+        "recipe": str(recipe_name),
+        "mode": args.mode,
+        "data_dir": str(Path(args.data).resolve()),
+        "output": str(Path(args.output or f"runs/{model}-{args.mode}").resolve()),
+        "epochs": args.epochs or recipe["epochs"],
+        "batch_size": args.batch_size or recipe["batch_size"],
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "workers": args.workers,
+        "optimizer": optimizer,
+        "lr_schedule": dict(recipe.get("lr_schedule", {"name": "constant"})),
+        "clip_grad_norm": args.clip_grad if args.clip_grad is not None else recipe.get("clip_grad_norm", 0.0),
+        "ema": args.ema if args.ema is not None else bool(recipe.get("ema", False)),
+        "ema_decay": recipe.get("ema_decay", 0.9998),
+        "amp": bool(recipe.get("amp", False)),
+        "model_kwargs": dict(recipe.get("model_kwargs", {})),
+        "adn": {"alpha": 0.5, "temperature": 1.0, "kd_topk": None, "feature_kd": 0.0, **adn_cfg},
+        "data": dict(recipe["data"]),
+        "zero_stage": args.zero_stage,
+        "precision": args.precision,
+        "eval_all_masks": args.eval_all_masks,
+        "save_every_steps": args.save_every_steps,
+        "keep_checkpoints": args.keep_checkpoints,
+        "log_every": args.log_every,
+    }
+    if cfg["model"] != recipe["model"] and args.recipe is None:
+        raise ValueError(f"no recipe is named {model!r}; pass --recipe.")
+    for key in ("epochs", "batch_size"):
+        if cfg[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}.")
+    if cfg["ema"] and cfg["zero_stage"] == 3:
+        raise ValueError("--ema needs the full weights on every rank; use --zero-stage 0, 1 or 2 with it.")
+    return cfg
+
+
+def _setup_distributed(use_cuda: bool) -> tuple[int, int, int]:
+    """Fill the env:// variables for a plain single process, then let DeepSpeed start torch.distributed."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def deepspeed_config(cfg: dict[str, Any], precision: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a run: one micro-batch per step (the two passes are not accumulation steps)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": float(cfg["clip_grad_norm"] or 0.0),
+        "zero_optimization": {"stage": cfg["zero_stage"]},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg["zero_stage"] == 3:
+        # The two passes run different modules: no prefetching of parameters the next pass may not use.
+        ds["zero_optimization"]["stage3_prefetch_bucket_size"] = 0
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+@contextlib.contextmanager
+def _full_weights(model: torch.nn.Module, zero_stage: int) -> Iterator[None]:
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    """Owns the engine, the loaders, the tracker and the loop; built once per process."""
+
+    def __init__(self, cfg: dict[str, Any], args: argparse.Namespace) -> None:
+        self.cfg, self.args = cfg, args
+        use_cuda = torch.cuda.is_available() and not args.cpu
+        if not use_cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.rank, self.world, local_rank = _setup_distributed(use_cuda)
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        precision = cfg["precision"]
+        if precision == "auto":
+            precision = "bf16" if use_cuda and cfg["amp"] else "fp32"
+        if not use_cuda and precision != "fp32":
+            raise ValueError(f"--precision {precision} needs a GPU; on CPU training runs in fp32.")
+        cfg["precision"] = precision
+        cfg["world_size"] = self.world
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.output = Path(cfg["output"])
+        self.ckpt_dir = self.output / CHECKPOINTS
+
+        manifest = read_manifest(cfg["data_dir"], "train")
+        self.classes = manifest.classes
+        read_manifest(cfg["data_dir"], "val")
+        recipe = {"data": cfg["data"]}
+        self.train_loader = make_loader(cfg["data_dir"], "train", cfg["batch_size"], recipe, rank=self.rank,
+                                        world_size=self.world, num_workers=cfg["workers"], seed=cfg["seed"],
+                                        device=self.device)
+        self.val_loader = make_loader(cfg["data_dir"], "val", cfg["batch_size"], recipe, rank=self.rank,
+                                      world_size=self.world, num_workers=cfg["workers"], device=self.device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg["epochs"] * self.steps_per_epoch
+        if cfg["max_steps"]:
+            self.total_steps = min(self.total_steps, cfg["max_steps"])
+
+        torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+        self.model = create_model(cfg["model"], num_classes=len(self.classes), **cfg["model_kwargs"])
+        adn = cfg["adn"]
+        self.loss = DistillationConfig(alpha=adn["alpha"], temperature=adn["temperature"], kd_topk=adn["kd_topk"],
+                                       feature_kd=adn.get("feature_kd", 0.0),
+                                       label_smoothing=cfg["data"].get("label_smoothing", 0.0))
+        self.step_fn = TrainStep(self.model, cfg["mode"], self.loss)
+        self.eval_masks = (self.model.masks() if cfg["eval_all_masks"] else self.step_fn.train_masks)
+
+        optimizer = build_optimizer(self.model, cfg["optimizer"])
+        scheduler = build_scheduler(optimizer, cfg["lr_schedule"], cfg["epochs"], self.steps_per_epoch,
+                                    cfg["optimizer"]["lr"])
+        extra = json.loads(Path(args.deepspeed_config).read_text()) if args.deepspeed_config else None
+        import deepspeed
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                     config=deepspeed_config(cfg, precision, extra))
+        self.ema = None
+        if cfg["ema"]:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg["ema_decay"], use_warmup=True)
+        self.tracker: Tracker | None = None
+        self.history: dict[str, dict[str, Accuracy]] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    def resume(self, path: Path) -> dict[str, Any]:
+        directory, tag = find_checkpoint(path)
+        loaded, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag!r} from {str(directory)!r}.")
+        saved = client["config"]
+        for key in ("model", "mode", "batch_size", "world_size", "epochs"):
+            if saved[key] != self.cfg[key]:
+                raise ValueError(f"the checkpoint was trained with {key}={saved[key]!r}, this run asks for "
+                                 f"{self.cfg[key]!r}; resume with the same settings.")
+        if self.ema is not None and client.get("ema") is not None:
+            self.ema.module.load_state_dict(client["ema"])
+        log.info("resumed from %s/%s at step %d", directory, tag, self.engine.global_steps)
+        return client
+
+    def save(self, epoch_done: bool) -> None:
+        step = self.engine.global_steps
+        client = {"config": self.cfg, "rng": rng_state(), "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+                  "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                  "history": {k: {m: vars(a) for m, a in v.items()} for k, v in self.history.items()}}
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=step_tag(step), client_state=client)
+        if self.rank == 0:
+            prune(self.ckpt_dir, self.cfg["keep_checkpoints"])
+            if epoch_done or step == self.total_steps:
+                self.save_weights()
+        torch.distributed.barrier()
+
+    def save_weights(self) -> Path:
+        meta = {"model_name": self.cfg["model"], "classes": self.classes,
+                "resolution": int(self.cfg["data"]["val_crop"]), "recipe": self.cfg,
+                "step": self.engine.global_steps, "mode": self.cfg["mode"]}
+        with _full_weights(self.model, self.cfg["zero_stage"]):
+            path = save_weights(self.model, self.output / WEIGHTS_NAME, **meta)
+        if self.ema is not None:
+            save_weights(self.ema.module, self.output / "weights_ema.safetensors", **meta)
+        return path
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Accuracy]:
+        cfg, rank0 = self.cfg, self.rank == 0
+        client: dict[str, Any] = {}
+        if self.args.resume is not None:
+            client = self.resume(Path(self.args.resume or self.output))
+            self.history = {k: {m: Accuracy(**a) for m, a in v.items()} for k, v in client.get("history", {}).items()}
+        elif (self.ckpt_dir / "latest").exists():
+            raise ValueError(f"{str(self.output)!r} already holds a checkpoint; pass --resume to continue it "
+                             "or choose another --output.")
+        if rank0:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+            print(yaml.safe_dump({"resolved config": cfg}, sort_keys=False), flush=True)
+        self.tracker = Tracker(self.args.tracking_uri, self.args.experiment,
+                               self.args.run_name or self.output.name, enabled=rank0 and not self.args.no_tracking,
+                               run_id=client.get("mlflow_run_id"))
+        if rank0 and self.tracker.enabled:
+            if not client:
+                import deepspeed
+                import timm
+
+                self.tracker.log_params({**cfg, "versions": {"torch": torch.__version__, "deepspeed":
+                                         deepspeed.__version__, "timm": timm.__version__}})
+            (self.output / "run.json").write_text(json.dumps(
+                {"mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
+                 "experiment": self.args.experiment}, indent=1))
+            self.tracker.log_artifact(self.output / "config.yaml")
+        torch.distributed.barrier()
+
+        step = self.engine.global_steps
+        replicas = None
+        if self.args.verify_replicas:
+            (self.output / "replicas").mkdir(parents=True, exist_ok=True)
+            replicas = open(self.output / "replicas" / f"rank{self.rank}.jsonl", "a")  # noqa: SIM115
+        try:
+            while step < self.total_steps:
+                epoch, start = divmod(step, self.steps_per_epoch)
+                step = self.train_epoch(epoch, start, client.get("rng") if start else None, replicas)
+                client = {}
+                if step % self.steps_per_epoch == 0 or step == self.total_steps:
+                    self.end_epoch(epoch, step)
+        except BaseException as err:
+            self.tracker.finish("FAILED" if isinstance(err, Exception) else "KILLED")
+            raise
+        finally:
+            if replicas is not None:
+                replicas.close()
+        return self.finish()
+
+    def train_epoch(self, epoch: int, start: int, rng: dict[str, Any] | None, replicas: Any) -> int:
+        cfg, rank0 = self.cfg, self.rank == 0
+        self.train_loader.set_epoch(epoch)
+        self.model.train()
+        stop = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        batches = self.train_loader.iterate(start)
+        if rng is not None:
+            set_rng_state(rng)  # after the replayed batches: the next one is drawn as in the original run
+        bar = tqdm(total=stop, initial=start, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not rank0,
+                   unit="step", dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        step = epoch * self.steps_per_epoch + start
+        for _, batch in zip(range(start, stop), batches, strict=False):
+            losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
+            if self.ema is not None:
+                self.ema.update(self.model, step=step)
+            step += 1
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            window_steps += 1
+            if replicas is not None:
+                self._verify_replicas(replicas, step)
+            if step % cfg["log_every"] == 0 or step == epoch * self.steps_per_epoch + stop:
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: v / window_steps for k, v in window.items() if k != "loss_feat" or self.loss.feature_kd}
+                metrics["lr"] = self.engine.get_lr()[0]
+                metrics["images_per_s"] = window_steps * cfg["batch_size"] * self.world / max(elapsed, 1e-9)
+                self.tracker.log_metrics(metrics, step)
+                bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3f}",
+                                img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            bar.update(1)
+            if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
+                self.save(epoch_done=False)
+        bar.close()
+        return step
+
+    def _verify_replicas(self, out: Any, step: int) -> None:
+        with _full_weights(self.model, self.cfg["zero_stage"]):
+            digest = _weights_hash(self.model)
+        out.write(json.dumps({"step": step, "sha256": digest}) + "\n")
+        out.flush()
+        gathered: list[str | None] = [None] * self.world
+        torch.distributed.all_gather_object(gathered, digest)
+        if len(set(gathered)) != 1:
+            raise RuntimeError(f"ranks hold different weights after step {step}: {gathered}")
+
+    def end_epoch(self, epoch: int, step: int) -> None:
+        results = evaluate(self.model, self.val_loader, self.eval_masks, device=self.device,
+                           total=len(self.val_loader), progress=self.rank == 0, desc="validate")
+        metrics = {}
+        for mask, acc in results.items():
+            metrics[f"val_acc1_{mask}"] = acc.acc1
+            metrics[f"val_acc5_{mask}"] = acc.acc5
+        if self.ema is not None:
+            for mask, acc in evaluate(self.ema.module, self.val_loader, self.step_fn.train_masks,
+                                      device=self.device).items():
+                metrics[f"val_ema_acc1_{mask}"] = acc.acc1
+                metrics[f"val_ema_acc5_{mask}"] = acc.acc5
+        metrics["epoch"] = epoch + 1
+        self.tracker.log_metrics(metrics, step)
+        self.history[f"epoch{epoch + 1}"] = results
+        if self.rank == 0:
+            line = ", ".join(f"{m} {a.acc1:.2%}" for m, a in results.items())
+            tqdm.write(f"epoch {epoch + 1}: top-1 {line}")
+        self.save(epoch_done=True)
+
+    def finish(self) -> dict[str, Accuracy]:
+        last = self.history[max(self.history, key=lambda k: int(k.removeprefix("epoch")))] if self.history else {}
+        if self.rank == 0:
+            resolution = int(self.cfg["data"]["val_crop"])
+            costs = mask_costs(self.model, resolution, masks=[SkipMask.parse(m, self.model.num_stages)
+                                                             for m in last] or None)
+            rows = [{"mask": str(c.mask), "acc1": last[str(c.mask)].acc1 if str(c.mask) in last else None,
+                     "acc5": last[str(c.mask)].acc5 if str(c.mask) in last else None,
+                     "gflops": c.gflops, "params_m": c.params_m} for c in costs]
+            summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
+                       "resolution": resolution, "masks": rows}
+            (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
+            for name in ("summary.json", WEIGHTS_NAME, "weights_ema.safetensors"):
+                if (self.output / name).is_file():
+                    self.tracker.log_artifact(self.output / name)
+            self.tracker.finish()
+            print(f"\n{'mask':<10}{'top-1':>8}{'top-5':>8}{'GFLOPs':>10}{'params M':>10}")
+            for r in rows:
+                acc1 = f"{r['acc1']:.2%}" if r["acc1"] is not None else "-"
+                acc5 = f"{r['acc5']:.2%}" if r["acc5"] is not None else "-"
+                print(f"{r['mask']:<10}{acc1:>8}{acc5:>8}{r['gflops']:>10.4f}{r['params_m']:>10.3f}")
+            print(f"weights: {self.output / WEIGHTS_NAME}")
+            if self.tracker.enabled:
+                print(f"MLflow run {self.tracker.run_id} in {self.tracker.uri} "
+                      f"(mlflow ui --backend-store-uri {self.tracker.uri})")
+        return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = resolve_config(args)
+        read_manifest(cfg["data_dir"], "train")
+        read_manifest(cfg["data_dir"], "val")
+        if rank == 0 and not args.no_tracking:
+            check_reachable(resolve_tracking_uri(args.tracking_uri))
+        if args.resume is not None and not args.resume and not (Path(cfg["output"]) / CHECKPOINTS).exists():
+            raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
+        trainer = Trainer(cfg, args)
+        trainer.run()
+    except (ValueError, FileNotFoundError, DataError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

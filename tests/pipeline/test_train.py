@@ -1,0 +1,190 @@
+"""`python -m pipeline.train` end to end on the digits shards: DeepSpeed on CPU, checkpoints, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adn.checkpoint import load_trained, read_metadata
+from pipeline.data import make_loader
+from pipeline.data.shard import main as shard_main
+from pipeline.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small and fast: 2 epochs of 44 steps at batch 32, 1 loader worker.
+FAST = ["--model", "resnet_mini", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    assert shard_main(["digits", "--out", str(out), "--shard-size", "400"]) == 0
+    return out
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR", "MLFLOW_TRACKING_URI")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300,
+           ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(digits: Path, tmp_path_factory) -> Path:
+    """An uninterrupted run, tracked in a SQLite MLflow store, checkpointing every 10 steps."""
+    work = tmp_path_factory.mktemp("reference")
+    done = _train(*FAST, "--data", str(digits), "--output", str(work / "run"), "--save-every-steps", "10",
+                  "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def test_run_writes_weights_that_load_without_deepspeed(reference_run: Path, digits: Path) -> None:
+    run = reference_run / "run"
+    meta = read_metadata(run)
+    assert meta["model"] == "resnet_mini" and meta["num_classes"] == 10 and meta["resolution"] == 32
+    assert meta["classes"] == [str(i) for i in range(10)]
+    model, _ = load_trained(run)
+    summary = json.loads((run / "summary.json").read_text())
+    rows = {r["mask"]: r for r in summary["masks"]}
+    assert set(rows) == {"FFFF", "TTTT"} and summary["steps"] == 88
+    # The accuracy the run reports is what the saved weights give on the validation shards.
+    loader = make_loader(digits, "val", 100, "resnet_mini", rank=0, world_size=1, num_workers=0)
+    again = evaluate(model, loader, ["FFFF", "TTTT"])
+    for mask in ("FFFF", "TTTT"):
+        assert again[mask].acc1 == pytest.approx(rows[mask]["acc1"]) and again[mask].samples == 360
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step*"))
+    assert kept == ["step000000080", "step000000088"]  # --keep-checkpoints 2
+
+
+def test_mlflow_store_holds_params_metrics_and_artifacts(reference_run: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{reference_run / 'mlflow.db'}"
+    run_id = json.loads((reference_run / "run" / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model"] == "resnet_mini" and params["mode"] == "adn" and params["world_size"] == "1"
+    assert params["adn.alpha"] == "0.5" and params["batch_size"] == "32" and params["versions.torch"]
+    for key in ("loss_ce", "loss_kd", "lr", "images_per_s"):
+        history = client.get_metric_history(run_id, key)
+        assert len(history) >= 17, key  # every 5 steps over 88 steps
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "images_per_s"))
+    for mask in ("FFFF", "TTTT"):
+        for k in ("acc1", "acc5"):
+            values = client.get_metric_history(run_id, f"val_{k}_{mask}")
+            assert [m.step for m in values] == [44, 88]
+            assert all(0.0 <= m.value <= 1.0 for m in values)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "weights.safetensors", "summary.json"} <= artifacts
+
+
+def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digits: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output", str(out),
+           "--save-every-steps", "10", "--no-tracking"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    tag = latest.read_text().strip()
+    assert tag == "step000000010"  # killed mid-epoch, right after the first step checkpoint
+    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
+                     "--no-tracking", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(reference_run / "run" / "weights.safetensors")
+    got = load_file(out / "weights.safetensors")
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+
+
+def test_two_ranks_over_loopback_hold_identical_weights_after_every_step(digits: Path, tmp_path: Path) -> None:
+    """Two gloo ranks started the way torchrun and the deepspeed launcher start them (env://)."""
+    port = str(_free_port())
+    out = tmp_path / "run"
+    args = ["--model", "resnet_mini", "--epochs", "1", "--batch-size", "16", "--workers", "1", "--max-steps", "6",
+            "--data", str(digits), "--output", str(out), "--no-tracking", "--verify-replicas"]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    hashes = [[json.loads(line) for line in (out / "replicas" / f"rank{r}.jsonl").read_text().splitlines()]
+              for r in range(2)]
+    assert [h["step"] for h in hashes[0]] == [1, 2, 3, 4, 5, 6]
+    assert hashes[0] == hashes[1]
+    assert len({h["sha256"] for h in hashes[0]}) == 6  # the weights change every step
+    assert read_metadata(out)["recipe"]["world_size"] == 2
+
+
+def test_resume_with_other_settings_is_refused(reference_run: Path, digits: Path) -> None:
+    done = _train("--model", "resnet_mini", "--epochs", "2", "--batch-size", "16", "--data", str(digits),
+                  "--output", str(reference_run / "run"), "--no-tracking", "--resume", cwd=reference_run)
+    assert done.returncode == 2
+    assert "batch_size=32" in done.stderr and "resume with the same settings" in done.stderr
+
+
+def test_existing_run_needs_resume(reference_run: Path, digits: Path) -> None:
+    done = _train(*FAST, "--data", str(digits), "--output", str(reference_run / "run"), "--no-tracking",
+                  cwd=reference_run)
+    assert done.returncode == 2 and "pass --resume" in done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "resnet_mini", "--data", "/nonexistent"], "/nonexistent"),
+    (["--model", "no_such_model", "--data", "."], "no_such_model"),
+    (["--model", "resnet_mini", "--data", ".", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+])
+def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Path, tmp_path: Path) -> None:
+    args = [str(digits) if a == "." else a for a in args]
+    done = _train(*args, "--output", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_tracking_outage_mid_run_is_dropped_with_a_warning(tmp_path: Path, caplog) -> None:
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "outage", "run", backoff_s=0.0)
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("server went away")
+
+    tracker.client.log_batch = down
+    tracker.log_metrics({"loss_ce": 1.0}, step=1)  # must not raise
+    assert len(calls) == 3 and tracker.dropped == 1
+    assert "dropped (training goes on)" in caplog.text
