@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MODEL  ?= resnet_mini
+DATA   ?= data/digits
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench lint clean
+.PHONY: help install test demo train bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,13 +23,19 @@ $(STAMP): pyproject.toml constraints.txt
 test: install  ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q
 
-demo: install  ## the main path on the embedded digits: shards in data/digits, every skip mask of a small ADN
+demo: install  ## the main path on the embedded digits: shards in data/digits, train a small ADN into runs/demo
 	$(PY) -m pipeline.data.shard digits --out data/digits
-	$(PY) -m adn.summary --model $(MODEL)
+	rm -rf runs/demo
+	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \
+		--eval-all-masks --experiment adn-demo --run-name demo
+
+train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
+	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)
 
 bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/dataloader.py
+	$(PY) benchmarks/train_step.py
 
 lint: install  ## ruff
 	$(PY) -m ruff check adn pipeline search tests benchmarks

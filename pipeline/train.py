@@ -283,7 +283,8 @@ class Trainer:
 
     def save(self, epoch_done: bool) -> None:
         step = self.engine.global_steps
-        client = {"config": self.cfg, "rng": rng_state(), "mlflow_run_id": self.tracker.run_id if self.tracker else None,
+        run_id = self.tracker.run_id if self.tracker else None
+        client = {"config": self.cfg, "rng": rng_state(), "mlflow_run_id": run_id,
                   "ema": self.ema.module.state_dict() if self.ema is not None else None,
                   "history": {k: {m: vars(a) for m, a in v.items()} for k, v in self.history.items()}}
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=step_tag(step), client_state=client)
@@ -382,7 +383,7 @@ class Trainer:
                 metrics["lr"] = self.engine.get_lr()[0]
                 metrics["images_per_s"] = window_steps * cfg["batch_size"] * self.world / max(elapsed, 1e-9)
                 self.tracker.log_metrics(metrics, step)
-                bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3f}",
+                bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3g}",
                                 img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             bar.update(1)
@@ -442,6 +443,9 @@ class Trainer:
                 acc1 = f"{r['acc1']:.2%}" if r["acc1"] is not None else "-"
                 acc5 = f"{r['acc5']:.2%}" if r["acc5"] is not None else "-"
                 print(f"{r['mask']:<10}{acc1:>8}{acc5:>8}{r['gflops']:>10.4f}{r['params_m']:>10.3f}")
+            trained = [str(m) for m in self.step_fn.train_masks if str(m) in last]
+            names = {str(self.step_fn.super_mask): "super-net", str(self.step_fn.base_mask): "base-net"}
+            print("top-1: " + ", ".join(f"{names[m]} {m} {last[m].acc1:.2%}" for m in trained))
             print(f"weights: {self.output / WEIGHTS_NAME}")
             if self.tracker.enabled:
                 print(f"MLflow run {self.tracker.run_id} in {self.tracker.uri} "

@@ -73,8 +73,8 @@ def test_feature_kd_softmax_over_channels_at_every_position() -> None:
     got = feature_distillation_loss({0: s}, {0: t}, channel_dim=1)
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # Tokens (B, N, C) with channels last give the same number for the same vectors.
-    tokens = feature_distillation_loss({0: s.permute(0, 2, 3, 1).flatten(1, 2)}, {0: t.permute(0, 2, 3, 1).flatten(1, 2)},
-                                       channel_dim=-1)
+    s_tokens, t_tokens = s.permute(0, 2, 3, 1).flatten(1, 2), t.permute(0, 2, 3, 1).flatten(1, 2)
+    tokens = feature_distillation_loss({0: s_tokens}, {0: t_tokens}, channel_dim=-1)
     assert tokens.item() == pytest.approx(expected, rel=1e-5)
 
 

@@ -66,7 +66,7 @@ def test_two_backward_step_equals_one_backward_of_the_combined_loss(name: str, f
     losses = TrainStep(model, "adn", cfg)(engine, x, y)
     assert engine.boundaries == [False, True]
     assert set(losses) == {"loss_ce", "loss_kd", "loss_feat"}
-    for (n, p), (_, q) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+    for n, p in reference.named_parameters():
         assert (p.grad is None) == (engine.grads[n] is None), n
         if p.grad is not None:
             torch.testing.assert_close(engine.grads[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)

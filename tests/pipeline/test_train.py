@@ -128,18 +128,15 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
 
 
 def test_two_ranks_over_loopback_hold_identical_weights_after_every_step(digits: Path, tmp_path: Path) -> None:
-    """Two gloo ranks started the way torchrun and the deepspeed launcher start them (env://)."""
-    port = str(_free_port())
+    """Two gloo ranks on CPU, started by the real `deepspeed` launcher as a user would."""
     out = tmp_path / "run"
-    args = ["--model", "resnet_mini", "--epochs", "1", "--batch-size", "16", "--workers", "1", "--max-steps", "6",
-            "--data", str(digits), "--output", str(out), "--no-tracking", "--verify-replicas"]
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    done = subprocess.run(
+        [str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()), "--module", "pipeline.train",
+         "--model", "resnet_mini", "--epochs", "1", "--batch-size", "16", "--workers", "1", "--max-steps", "6",
+         "--data", str(digits), "--output", str(out), "--no-tracking", "--verify-replicas"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     hashes = [[json.loads(line) for line in (out / "replicas" / f"rank{r}.jsonl").read_text().splitlines()]
               for r in range(2)]
     assert [h["step"] for h in hashes[0]] == [1, 2, 3, 4, 5, 6]
