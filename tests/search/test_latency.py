@@ -1,0 +1,152 @@
+"""Latency lookup tables: measured on this CPU, predicted per mask, shipped estimates, named targets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adn import SkipMask
+from search.latency import SHIPPED_DIR, TableError, load_table, predict, resolve, save_table
+from search.profile import local_table, measure_table, validate
+from search.roofline import SHIPPED_BATCHES, SHIPPED_MODELS, SPECS, estimate_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def user_luts(tmp_path, monkeypatch) -> Path:
+    """Every test gets an empty user table directory."""
+    monkeypatch.setenv("ADN_LUT_DIR", str(tmp_path / "luts"))
+    return tmp_path / "luts"
+
+
+def _profile(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.profile", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("model", ["resnet50", "resnet_mini", "vit_mini"])
+def test_measured_table_predicts_every_mask_within_5_percent(model: str) -> None:
+    done = _profile("--model", model, "--device", "cpu", "--batch-size", "1", "--validate", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert len(report["rows"]) == 16 and {r["mask"] for r in report["rows"]} == {str(m) for m in SkipMask.all(4)}
+    assert report["mape"] <= 0.05, report
+    assert report["max_error"] >= report["mape"]
+    for row in report["rows"]:
+        assert row["error"] == pytest.approx((row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"])
+
+
+def test_predict_adds_the_parts_a_mask_runs() -> None:
+    table = {"format": "adn-latency/1", "model": "toy", "target": "x", "method": "measured", "dtype": "fp32",
+             "batch_size": 1, "resolution": 32, "num_stages": 2, "remainder_ms": 0.5,
+             "parts": [{"name": "stem", "ms": 1.0, "skip_bit": None, "norm_bit": None},
+                       {"name": "s1.0", "ms": 2.0, "ms_norm_skipped": 2.5, "skip_bit": None, "norm_bit": 0},
+                       {"name": "s1.1", "ms": 4.0, "skip_bit": 0, "norm_bit": None},
+                       {"name": "s2.0", "ms": 8.0, "ms_norm_skipped": 8.0, "skip_bit": None, "norm_bit": 1},
+                       {"name": "s2.1", "ms": 16.0, "skip_bit": 1, "norm_bit": None}]}
+    assert predict(table, "FF") == 0.5 + 1 + 2 + 4 + 8 + 16
+    assert predict(table, "TF") == 0.5 + 1 + 2.5 + 8 + 16
+    assert predict(table, "FT") == 0.5 + 1 + 2 + 4 + 8
+    assert predict(table, "TT") == 0.5 + 1 + 2.5 + 8
+    with pytest.raises(ValueError, match="2 skippable stages"):
+        predict(table, "TTT")
+
+
+def test_measured_table_has_metadata_and_covers_every_part() -> None:
+    table = measure_table("resnet_mini", "cpu", batch_size=2, rounds=3)
+    assert table["method"] == "measured" and table["batch_size"] == 2 and table["resolution"] == 32
+    assert table["dtype"] == "fp32" and table["torch"] and table["date"] and table["device"]
+    names = [p["name"] for p in table["parts"]]
+    assert names[:4] == ["conv1", "bn1", "act1", "maxpool"] and names[-2:] == ["global_pool", "fc"]
+    assert [p["skip_bit"] for p in table["parts"] if p["name"].startswith("layer")] == [None, 0, None, 1,
+                                                                                      None, 2, None, 3]
+    assert all(p["ms"] > 0 for p in table["parts"])
+    report = validate(table, "cpu", rounds=3)  # a saved table checked again later
+    assert [r["mask"] for r in report["rows"]] == [str(m) for m in SkipMask.all(4)]
+    assert all(r["measured_ms"] > 0 for r in report["rows"])
+
+
+@pytest.mark.parametrize("target", sorted(SPECS))
+def test_shipped_estimates_load_cover_every_mask_and_are_monotone(target: str) -> None:
+    files = sorted((SHIPPED_DIR / target).glob("*.json"))
+    assert len(files) == len(SHIPPED_MODELS) * len(SHIPPED_BATCHES)
+    for path in files:
+        table = load_table(path)
+        assert table["method"] == "roofline-estimate" and table["target"] == target
+        masks = list(SkipMask.all(table["num_stages"]))
+        latency = {m: predict(table, m) for m in masks}
+        assert all(v > 0 for v in latency.values())
+        for m in masks:  # skipping one more stage never costs more
+            for k in range(len(m)):
+                if not m[k]:
+                    fewer = SkipMask(tuple(b or i == k for i, b in enumerate(m)))
+                    assert latency[fewer] <= latency[m], (path.name, m, fewer)
+        assert latency[masks[-1]] < latency[masks[0]]
+
+
+def test_shipped_estimates_are_what_the_estimator_writes() -> None:
+    shipped = load_table(SHIPPED_DIR / "h100" / "vit_b16_b64_r224_bf16.json")
+    fresh = estimate_table("h100", "vit_b16", 64)
+    assert [p["ms"] for p in shipped["parts"]] == pytest.approx([p["ms"] for p in fresh["parts"]])
+    # A roofline sanity check: at batch 64 ViT-b/16 on H100 is compute bound, so time >= FLOPs / peak.
+    flops = 2 * 17.58e9 * 64
+    assert predict(shipped) / 1e3 >= flops / (989.4e12)
+
+
+def test_user_measured_table_overrides_the_shipped_estimate(user_luts: Path) -> None:
+    assert resolve("a100", "resnet_mini", 1, 32)["method"] == "roofline-estimate"
+    done = _profile("--model", "resnet_mini", "--rounds", "3", "--save-as", "a100")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (user_luts / "a100" / "resnet_mini_b1_r32_fp32.json").is_file()
+    table = resolve("a100", "resnet_mini", 1, 32)
+    assert table["method"] == "measured" and table["source"] == "user" and table["target"] == "a100"
+    # Other models of the target still come from the shipped estimates.
+    assert resolve("a100", "resnet50", 1, 224)["method"] == "roofline-estimate"
+
+
+def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, monkeypatch) -> None:
+    first = local_table("resnet_mini", 1, None, rounds=3)
+    assert first["method"] == "measured" and (user_luts / "cpu" / "resnet_mini_b1_r32_fp32.json").is_file()
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a matching cached table must be reused")
+
+    monkeypatch.setattr("search.profile.measure_table", no_measuring)
+    again = local_table("resnet_mini", 1, None)
+    assert again["parts"] == first["parts"]
+    assert resolve("cpu", "resnet_mini", 1, 32)["method"] == "measured"
+
+
+def test_unknown_target_lists_the_available_ones() -> None:
+    with pytest.raises(TableError, match="unknown target 'a200'; available: a100, h100, jetson-orin, l4, t4, v100"):
+        resolve("a200", "resnet50", 1, 224)
+
+
+def test_table_for_another_model_or_batch_lists_what_the_target_has() -> None:
+    with pytest.raises(TableError, match="no table for resnet50 batch 8 at 224; it has: .*resnet50 batch 64 at 224"):
+        resolve("a100", "resnet50", 8, 224)
+    with pytest.raises(TableError, match="no table for resnet50 batch 1 at 160"):
+        resolve("t4", "resnet50", 1, 160)
+
+
+def test_corrupt_table_is_a_clear_error(user_luts: Path) -> None:
+    bad = user_luts / "a100" / "resnet50_b1_r224_bf16.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"format": "adn-latency/1", "model": ')
+    with pytest.raises(TableError, match="is corrupt"):
+        resolve("a100", "resnet50", 1, 224)
+    with pytest.raises(TableError, match="not a latency table"):
+        save_table({"hello": 1}, path=user_luts / "x.json")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_profile_cli_bad_input_is_one_sentence() -> None:
+    done = _profile("--model", "resnet_nope")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: unknown model 'resnet_nope'")
+    done = _profile("--model", "resnet_mini", "--device", "cuda")
+    assert done.returncode == 2 and "no CUDA device" in done.stderr
