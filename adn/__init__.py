@@ -3,13 +3,14 @@
 from . import models  # noqa: F401  (registers the families)
 from .complexity import count_flops, count_params
 from .export import export_subnet
-from .masks import SkipMask
+from .masks import BlockMask, SkipMask
 from .network import AdaptiveDepthMixin, SkippableSequential
 from .norms import SwitchableNorm
 from .registry import create_model, list_models, register_model
 
 __all__ = [
     "AdaptiveDepthMixin",
+    "BlockMask",
     "SkipMask",
     "SkippableSequential",
     "SwitchableNorm",

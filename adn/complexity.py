@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .masks import MaskLike, SkipMask
+from .masks import BlockMask, MaskLike, SkipMask, stage_view
 from .network import AdaptiveDepthMixin, SkippableSequential
 from .norms import SwitchableNorm
 
@@ -77,13 +77,12 @@ def count_params(model: nn.Module, mask: MaskLike = None) -> int:
     """
     if mask is None or not isinstance(model, AdaptiveDepthMixin):
         return sum(p.numel() for p in model.parameters())
-    mask = SkipMask.parse(mask, model.num_stages, model.adn_name)
-    return _active_params(model, mask)
+    return _active_params(model, model.parse_mask(mask))
 
 
-def _active_params(module: nn.Module, mask: SkipMask) -> int:
+def _active_params(module: nn.Module, mask: SkipMask | BlockMask) -> int:
     if isinstance(module, SwitchableNorm):
-        return _active_params(module.norms[int(mask[module.bit])], mask)
+        return _active_params(module.norms[int(stage_view(mask)[module.bit])], mask)
     total = sum(p.numel() for p in module.parameters(recurse=False))
     children = module.kept_blocks(mask) if isinstance(module, SkippableSequential) else module.children()
     return total + sum(_active_params(child, mask) for child in children)
@@ -115,7 +114,7 @@ def mask_costs(model: nn.Module, resolution: int = 224, masks: Iterable[MaskLike
     costs = []
     try:
         for m in model.masks() if masks is None else masks:
-            mask = SkipMask.parse(m, model.num_stages, model.adn_name)
+            mask = model.parse_mask(m)
             costs.append(MaskCost(str(mask), count_params(model, mask), count_flops(model, mask, resolution)))
         return costs
     finally:

@@ -13,7 +13,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import fx, nn
 
-from .masks import MaskLike, SkipMask
+from .masks import BlockMask, MaskLike, SkipMask, stage_view
 from .network import AdaptiveDepthMixin, SkippableSequential, plain_class
 from .norms import SwitchableNorm
 
@@ -22,11 +22,11 @@ def export_subnet(model: nn.Module, mask: MaskLike = None, fold_bn: bool = True)
     """Return a plain eval-mode ``nn.Module`` that computes ``model`` under ``mask``; ``model`` is untouched."""
     if not isinstance(model, AdaptiveDepthMixin):
         raise TypeError(f"{type(model).__name__} is not an ADN model; build one with adn.create_model.")
-    mask = SkipMask.parse(mask, model.num_stages, model.adn_name)
+    mask = model.parse_mask(mask)
     sub = copy.deepcopy(model).eval()
     _slim(sub, mask)
     sub.__class__ = plain_class(model)
-    for name in ("adn_name", "num_stages", "_skippable", "_switchable_norms", "_skip_mask"):
+    for name in ("adn_name", "num_stages", "block_stages", "_skippable", "_switchable_norms", "_skip_mask"):
         sub.__dict__.pop(name, None)
     sub.adn_mask = str(mask)
     if fold_bn:
@@ -34,10 +34,10 @@ def export_subnet(model: nn.Module, mask: MaskLike = None, fold_bn: bool = True)
     return sub
 
 
-def _slim(module: nn.Module, mask: SkipMask) -> None:
+def _slim(module: nn.Module, mask: SkipMask | BlockMask) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, SwitchableNorm):
-            child = child.norms[int(mask[child.bit])]
+            child = child.norms[int(stage_view(mask)[child.bit])]
         elif isinstance(child, SkippableSequential):
             child = nn.Sequential(*child.kept_blocks(mask))
         setattr(module, name, child)

@@ -1,7 +1,8 @@
 """Skip masks: one bit per skippable stage, written like ``"TTFF"``.
 
 ``T`` skips the skippable sub-path of that stage, ``F`` keeps it. ``FF..F`` is the super-net,
-``TT..T`` the base-net (DESIGN.md section 1).
+``TT..T`` the base-net (DESIGN.md section 1). A ``BlockMask`` has one bit per skippable block
+instead, so a stage's sub-path can be cut part way (the search's ``--space blocks``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Union
 
-MaskLike = Union["SkipMask", str, Sequence[bool], None]
+MaskLike = Union["SkipMask", "BlockMask", str, Sequence[bool], None]
 
 
 class SkipMask(Sequence[bool]):
@@ -86,6 +87,103 @@ class SkipMask(Sequence[bool]):
 
     def __repr__(self) -> str:
         return f"SkipMask('{self}')"
+
+
+class BlockMask(Sequence[bool]):
+    """One bit per skippable block, in forward order; ``stages[i]`` is the stage bit of block ``i``.
+
+    Norm rule: the switchable norms of stage k take their skipped half only when every skippable
+    block of stage k is dropped (``stage_mask()``). The kept half was trained with the stage's
+    refining blocks after the mandatory ones, the skipped half with none; a stage that keeps any
+    of its refining blocks is closer to the first case. With whole stages dropped, a block mask
+    computes exactly what the stage mask ``stage_mask()`` computes.
+    """
+
+    __slots__ = ("_bits", "stages")
+
+    def __init__(self, bits: Sequence[bool], stages: Sequence[int]) -> None:
+        self._bits = tuple(bool(b) for b in bits)
+        self.stages = tuple(stages)
+        if len(self._bits) != len(self.stages):
+            raise ValueError(f"a block mask needs one bit per skippable block ({len(self.stages)}), got {len(bits)}.")
+
+    @classmethod
+    def parse(cls, value: MaskLike, stages: Sequence[int], model_name: str = "this model") -> BlockMask:
+        """A string of T/F per skippable block, a bool sequence, a stage mask (expanded), or None (keep all)."""
+        stages = tuple(stages)
+        if value is None:
+            return cls((False,) * len(stages), stages)
+        if isinstance(value, BlockMask):
+            if value.stages != stages:
+                raise _bad_blocks(value, stages, model_name)
+            return value
+        if isinstance(value, SkipMask):
+            return cls.from_stage_mask(value, stages)
+        if isinstance(value, str):
+            letters = value.strip().upper()
+            if not letters or set(letters) - {"T", "F"} or len(letters) != len(stages):
+                raise _bad_blocks(value, stages, model_name)
+            return cls(tuple(c == "T" for c in letters), stages)
+        items = list(value) if isinstance(value, Sequence) or _is_array(value) else None
+        if items is None or len(items) != len(stages) or not all(_is_bool(b) for b in items):
+            raise _bad_blocks(value, stages, model_name)
+        return cls(tuple(bool(b) for b in items), stages)
+
+    @classmethod
+    def from_stage_mask(cls, mask: SkipMask, stages: Sequence[int]) -> BlockMask:
+        """Every skippable block of a skipped stage dropped: the same sub-network as ``mask``."""
+        return cls(tuple(mask[s] for s in stages), stages)
+
+    @classmethod
+    def all(cls, stages: Sequence[int]) -> Iterator[BlockMask]:
+        """All 2^B block masks, from keeping every block to dropping every one, in binary order."""
+        for bits in itertools.product((False, True), repeat=len(stages)):
+            yield cls(bits, stages)
+
+    def stage_mask(self) -> SkipMask:
+        """The stages whose whole skippable sub-path is dropped: where the switchable norms switch."""
+        num_stages = max(self.stages) + 1 if self.stages else 0
+        return SkipMask(tuple(all(b for b, s in zip(self._bits, self.stages, strict=True) if s == k)
+                              for k in range(num_stages)))
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._bits[index]
+
+    def __iter__(self) -> Iterator[bool]:
+        return iter(self._bits)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, BlockMask):
+            return (self._bits, self.stages) == (other._bits, other.stages)
+        if isinstance(other, str):
+            return str(self) == other.upper()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._bits, self.stages))
+
+    def __str__(self) -> str:
+        return "".join("T" if b else "F" for b in self._bits)
+
+    def __repr__(self) -> str:
+        return f"BlockMask('{self}')"
+
+
+def stage_view(mask: SkipMask | BlockMask) -> SkipMask:
+    """The per-stage mask the switchable norms follow."""
+    return mask.stage_mask() if isinstance(mask, BlockMask) else mask
+
+
+def _bad_blocks(value: object, stages: Sequence[int], model_name: str) -> ValueError:
+    return ValueError(f"{model_name} has {len(stages)} skippable blocks, so a block mask is {len(stages)} letters of "
+                      f"T (drop) or F (keep), or {len(stages)} bools; got {value!r}.")
 
 
 def _is_bool(value: object) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .masks import MaskLike, SkipMask
+from .masks import BlockMask, MaskLike, SkipMask, stage_view
 from .norms import SwitchableNorm, make_switchable
 
 
@@ -35,13 +35,20 @@ class SkippableSequential(nn.Sequential):
         self.stage_ends = {i: bit for bit in {b for b in bits if b is not None}
                            for i in [max(j for j, b in enumerate(bits) if b == bit)]}
         self.recorder: dict[int, torch.Tensor] | None = None
+        self.block_offset = 0  # index of this container's first skippable block in the model (set by adaptify)
 
-    def set_skip(self, mask: SkipMask) -> None:
-        self.keep = tuple(bit is None or not mask[bit] for bit in self.bits)
+    def _keep_for(self, mask: SkipMask | BlockMask) -> tuple[bool, ...]:
+        if isinstance(mask, BlockMask):
+            dropped = iter(mask[self.block_offset :])
+            return tuple(True if bit is None else not next(dropped) for bit in self.bits)
+        return tuple(bit is None or not mask[bit] for bit in self.bits)
 
-    def kept_blocks(self, mask: SkipMask) -> list[nn.Module]:
+    def set_skip(self, mask: SkipMask | BlockMask) -> None:
+        self.keep = self._keep_for(mask)
+
+    def kept_blocks(self, mask: SkipMask | BlockMask) -> list[nn.Module]:
         """The blocks ``mask`` runs, in order."""
-        return [block for block, bit in zip(self, self.bits, strict=True) if bit is None or not mask[bit]]
+        return [block for block, keep in zip(self, self._keep_for(mask), strict=True) if keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, (block, keep) in enumerate(zip(self, self.keep, strict=True)):
@@ -94,28 +101,38 @@ class AdaptiveDepthMixin:
     channel_dim: int = 1
     _skippable: tuple[SkippableSequential, ...]
     _switchable_norms: tuple[SwitchableNorm, ...]
-    _skip_mask: SkipMask
+    #: the stage bit of each skippable block, in forward order (one entry per bit of a ``BlockMask``)
+    block_stages: tuple[int, ...]
+    _skip_mask: SkipMask | BlockMask
 
     def forward(self, x: torch.Tensor, skip: MaskLike = None) -> torch.Tensor:
         self.set_skip(skip)
         return super().forward(x)  # type: ignore[misc]
 
-    def set_skip(self, skip: MaskLike) -> SkipMask:
+    def parse_mask(self, skip: MaskLike) -> SkipMask | BlockMask:
+        """A stage mask (S letters), or a block mask (one letter per skippable block, or a ``BlockMask``)."""
+        if isinstance(skip, BlockMask) or (
+                isinstance(skip, str) and len(skip.strip()) == len(self.block_stages) != self.num_stages):
+            return BlockMask.parse(skip, self.block_stages, self.adn_name)
+        return SkipMask.parse(skip, self.num_stages, self.adn_name)
+
+    def set_skip(self, skip: MaskLike) -> SkipMask | BlockMask:
         """Select the sub-network used by later forwards; returns the parsed mask."""
-        mask = SkipMask.parse(skip, self.num_stages, self.adn_name)
+        mask = self.parse_mask(skip)
         if mask != self._skip_mask:
             self._switch_to(mask)
         return mask
 
-    def _switch_to(self, mask: SkipMask) -> None:
+    def _switch_to(self, mask: SkipMask | BlockMask) -> None:
+        stages = stage_view(mask)
         for norm in self._switchable_norms:
-            norm.skipped = mask[norm.bit]
+            norm.skipped = stages[norm.bit]
         for container in self._skippable:
             container.set_skip(mask)
         self._skip_mask = mask
 
     @property
-    def skip_mask(self) -> SkipMask:
+    def skip_mask(self) -> SkipMask | BlockMask:
         return self._skip_mask
 
     def masks(self) -> list[SkipMask]:
@@ -159,6 +176,11 @@ def adaptify(model: nn.Module, cls: type[M], name: str) -> M:
     if not bits or bits != set(range(max(bits) + 1)):
         raise ValueError(f"{name}: skippable stage bits must be 0..S-1 with none missing, got {sorted(bits)}.")
     model.num_stages = len(bits)
+    offset = 0
+    for container in model._skippable:
+        container.block_offset = offset
+        offset += sum(bit is not None for bit in container.bits)
+    model.block_stages = tuple(b for c in model._skippable for b in c.bits if b is not None)
     model._switch_to(SkipMask.super_net(model.num_stages))
     return model
 

@@ -1,15 +1,19 @@
 """Measure a latency table on this machine: ``python -m search.profile --model resnet50 --validate``.
 
-Each part (``search.parts``) is timed on the input it sees in the super-net, in both norm modes
-where its switchable norms follow a stage bit, over interleaved rounds (every round times every
-part once, so machine noise spreads evenly), and the median is kept. What runs between parts is
-the end-to-end time of the super-net and base-net minus their parts. On CUDA, times come from
-CUDA events around back-to-back calls after a synchronisation.
+Every part (``search.parts``) is timed on the input it sees in the super-net, in both norm modes
+where its switchable norms follow a stage bit. A skippable block is also timed where it runs: its
+cost is the mean of what dropping it alone saves the super-net and what adding it alone costs the
+base-net (timed in isolation on a hot input, the early high-resolution blocks looked up to 2x
+cheaper than in the network). What runs between parts is the end-to-end time of the super-net
+and base-net minus their parts. All of it is timed over interleaved rounds (each round times every
+item once, in a rotating order, so a slow spell of a shared machine lands on all of them alike),
+and medians are kept. On CUDA, times come from CUDA events around back-to-back calls after a
+synchronisation.
 
 ``--validate`` also times the whole network under every mask, as separate samples in the same
-interleaved rounds (so both see the same machine), and compares them with
-``search.latency.predict``: per-mask error, the mean absolute percentage error (``mape``) and the
-worst error (``max_error``), both as fractions. ``validate(table)`` does the same for a saved table.
+rounds (so both see the same machine), and compares them with ``search.latency.predict``:
+per-mask error, the mean absolute percentage error (``mape``) and the worst error
+(``max_error``), both as fractions. ``validate(table)`` does the same later for a saved table.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from adn import SkipMask, create_model, list_models
+from adn import BlockMask, SkipMask, create_model, list_models
 
 from .latency import FORMAT, TableError, load_table, predict, predict_all, save_table, user_dir
 from .parts import Part, capture_inputs, model_parts
@@ -154,6 +158,14 @@ def measure_table(name: str, device: str = "cpu", batch_size: int = 1, resolutio
         fns[f"{p.name}|kept"] = (_call_part(model, p, _mode_mask(s, None)), part_ms)
         if p.norm_bit is not None:
             fns[f"{p.name}|skipped"] = (_call_part(model, p, _mode_mask(s, p.norm_bit)), part_ms)
+    # A skippable block is also timed in context, from both ends: the super-net with that block alone
+    # dropped, and the base-net with that block alone added.
+    skippable = [p for p in parts if p.skip_bit is not None]
+    for i, p in enumerate(skippable):
+        drop = BlockMask(tuple(j == i for j in range(len(skippable))), model.block_stages)
+        add = BlockMask(tuple(j != i for j in range(len(skippable))), model.block_stages)
+        fns[f"{p.name}|dropped"] = (_call_model(model, x, drop), whole_ms)
+        fns[f"{p.name}|added"] = (_call_model(model, x, add), whole_ms)
     # What runs between parts: whole-network runs of the two ends minus their parts.
     ends = {"super": SkipMask.super_net(s), "base": SkipMask.base_net(s)}
     fns.update({f"{k}|model": (_call_model(model, x, m), whole_ms) for k, m in ends.items()})
@@ -162,6 +174,12 @@ def measure_table(name: str, device: str = "cpu", batch_size: int = 1, resolutio
     rows = []
     for p in parts:
         row = {"name": p.name, "skip_bit": p.skip_bit, "norm_bit": p.norm_bit, "ms": times[f"{p.name}|kept"]}
+        if p.skip_bit is not None:
+            # What it costs in the running network (caches as in the real forward), averaged over the
+            # two ends: single drops from the super-net overstate it, single additions to the base-net understate it.
+            row["ms_isolated"] = row["ms"]
+            row["ms"] = max(0.5 * (times["super|model"] - times[f"{p.name}|dropped"]
+                                   + times[f"{p.name}|added"] - times["base|model"]), 0.0)
         if p.norm_bit is not None:
             row["ms_norm_skipped"] = times[f"{p.name}|skipped"]
         rows.append(row)

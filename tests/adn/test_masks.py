@@ -48,3 +48,43 @@ def test_model_forward_rejects_bad_mask(name):
 def test_unknown_model_lists_the_registry():
     with pytest.raises(ValueError, match="unknown model 'resnet51'.*resnet50"):
         adn.create_model("resnet51")
+
+
+def test_block_mask_parses_and_expands_stage_masks() -> None:
+    from adn import BlockMask
+
+    stages = (0, 1, 1, 2, 2, 2, 3)  # resnet50's skippable blocks
+    m = BlockMask.parse("FTFFTFF", stages, "resnet50")
+    assert str(m) == "FTFFTFF" and m.num_skipped == 2
+    assert m.stage_mask() == "FFFF"  # no stage drops its whole sub-path
+    assert BlockMask.parse("FTTFFFT", stages).stage_mask() == "FTFT"
+    full = BlockMask.from_stage_mask(SkipMask.parse("TFTF", 4), stages)
+    assert str(full) == "TFFTTTF" and full.stage_mask() == "TFTF"
+    assert len(list(BlockMask.all(stages))) == 2**7
+    with pytest.raises(ValueError, match="resnet50 has 7 skippable blocks"):
+        BlockMask.parse("TTF", stages, "resnet50")
+
+
+def test_block_mask_runs_the_blocks_it_keeps_and_matches_stage_masks() -> None:
+    from adn import BlockMask, create_model, export_subnet
+    from adn.complexity import count_flops
+
+    torch.manual_seed(0)
+    model = create_model("resnet_mini", num_classes=10, layers=(2, 4, 2, 2)).eval()
+    assert model.block_stages == (0, 1, 1, 2, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for mask in ("TFFT", "FTTF"):
+            expanded = BlockMask.from_stage_mask(SkipMask.parse(mask, 4), model.block_stages)
+            assert torch.equal(model(x, skip=mask), model(x, skip=expanded))
+        partial = model.parse_mask("FTFFF")  # one of stage 2's two skippable blocks: its norms stay in kept mode
+        assert isinstance(partial, BlockMask) and partial.stage_mask() == "FFFF"
+        ran = []
+        hooks = [model.layer2[i].register_forward_hook(lambda *a, i=i: ran.append(i)) for i in (2, 3)]
+        model(x, skip=partial)
+        for h in hooks:
+            h.remove()
+        assert ran == [3]  # layer2's first skippable block (index 2) is dropped, the second runs
+        slim = export_subnet(model, partial)
+        torch.testing.assert_close(slim(x), model(x, skip=partial), rtol=1e-4, atol=1e-4)
+    assert count_flops(model, partial, 32) < count_flops(model, None, 32)
