@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: install  ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q
 
-demo: install  ## the main path on the embedded digits: shards in data/digits, train a small ADN into runs/demo
+demo: install  ## the whole path on the embedded digits: shards, train a small ADN into runs/demo, Pareto search on this CPU
 	$(PY) -m pipeline.data.shard digits --out data/digits
 	rm -rf runs/demo
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \
 		--eval-all-masks --experiment adn-demo --run-name demo
+	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
 	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)
@@ -36,6 +37,7 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/dataloader.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/search_eval.py
 
 lint: install  ## ruff
 	$(PY) -m ruff check adn pipeline search tests benchmarks

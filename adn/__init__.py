@@ -7,10 +7,12 @@ from .masks import BlockMask, SkipMask
 from .network import AdaptiveDepthMixin, SkippableSequential
 from .norms import SwitchableNorm
 from .registry import create_model, list_models, register_model
+from .runtime import DepthSelector, select_mask
 
 __all__ = [
     "AdaptiveDepthMixin",
     "BlockMask",
+    "DepthSelector",
     "SkipMask",
     "SkippableSequential",
     "SwitchableNorm",
@@ -20,4 +22,5 @@ __all__ = [
     "export_subnet",
     "list_models",
     "register_model",
+    "select_mask",
 ]

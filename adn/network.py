@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -51,7 +51,12 @@ class SkippableSequential(nn.Sequential):
         return [block for block, keep in zip(self, self._keep_for(mask), strict=True) if keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, (block, keep) in enumerate(zip(self, self.keep, strict=True)):
+        return self.forward_range(x, 0, len(self))
+
+    def forward_range(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run blocks ``start`` up to ``stop`` (exclusive) under the current mask."""
+        for i in range(start, stop):
+            block, keep = self[i], self.keep[i]
             if keep:
                 if self.grad_checkpointing and torch.is_grad_enabled():
                     x = checkpoint(block, x, use_reentrant=False)
@@ -108,6 +113,15 @@ class AdaptiveDepthMixin:
     def forward(self, x: torch.Tensor, skip: MaskLike = None) -> torch.Tensor:
         self.set_skip(skip)
         return super().forward(x)  # type: ignore[misc]
+
+    def stage_segments(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward cut into S + 1 functions run one after the other under the current mask.
+
+        Segment k < S ends with stage k's last block and depends only on mask bits 0..k (of a
+        block mask: the blocks of stages 0..k); the last segment is the head. Masks that agree on
+        stages 0..k can therefore share the first k + 1 segments (``search.accuracy``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define its stage segments.")
 
     def parse_mask(self, skip: MaskLike) -> SkipMask | BlockMask:
         """A stage mask (S letters), or a block mask (one letter per skippable block, or a ``BlockMask``)."""
@@ -183,6 +197,13 @@ def adaptify(model: nn.Module, cls: type[M], name: str) -> M:
     model.block_stages = tuple(b for c in model._skippable for b in c.bits if b is not None)
     model._switch_to(SkipMask.super_net(model.num_stages))
     return model
+
+
+def container_segments(container: SkippableSequential) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """One function per stage held in ``container`` (several stages in one block list, as in ViT)."""
+    ends = sorted(container.stage_ends)
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    return [lambda x, a=a, b=b: container.forward_range(x, a, b + 1) for a, b in zip(starts, ends, strict=True)]
 
 
 def plain_class(model: nn.Module) -> type[nn.Module]:

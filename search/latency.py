@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adn import SkipMask
-from adn.masks import MaskLike
+from adn import BlockMask, SkipMask
+from adn.masks import MaskLike, stage_view
 
 FORMAT = "adn-latency/1"
 SHIPPED_DIR = Path(__file__).parent / "luts"
@@ -37,14 +37,29 @@ def user_dir() -> Path:
     return Path(os.environ.get("ADN_LUT_DIR") or Path.home() / ".cache" / "adn" / "luts")
 
 
+def parse_table_mask(table: dict[str, Any], mask: MaskLike) -> SkipMask | BlockMask:
+    """A stage mask, or a block mask (one letter per skippable part of the table, in forward order)."""
+    stages = tuple(p["skip_bit"] for p in table["parts"] if p["skip_bit"] is not None)
+    if isinstance(mask, BlockMask) or (isinstance(mask, str) and len(mask.strip()) == len(stages)
+                                       != table["num_stages"]):
+        return BlockMask.parse(mask, stages, table["model"])
+    return SkipMask.parse(mask, table["num_stages"], table["model"])
+
+
 def predict(table: dict[str, Any], mask: MaskLike = None) -> float:
-    """Predicted milliseconds of the sub-network ``mask`` (default: the super-net)."""
-    m = SkipMask.parse(mask, table["num_stages"], table["model"])
+    """Predicted milliseconds of the sub-network ``mask`` (default: the super-net); stage or block mask."""
+    m = parse_table_mask(table, mask)
+    blocks = m if isinstance(m, BlockMask) else None
+    stages = stage_view(m)
     total = table["remainder_ms"]
+    block = 0
     for part in table["parts"]:
-        if part["skip_bit"] is not None and m[part["skip_bit"]]:
-            continue
-        if part["norm_bit"] is not None and m[part["norm_bit"]]:
+        if part["skip_bit"] is not None:
+            dropped = blocks[block] if blocks is not None else stages[part["skip_bit"]]
+            block += 1
+            if dropped:
+                continue
+        if part["norm_bit"] is not None and stages[part["norm_bit"]]:
             total += part["ms_norm_skipped"]
         else:
             total += part["ms"]
@@ -54,7 +69,7 @@ def predict(table: dict[str, Any], mask: MaskLike = None) -> float:
 def predict_all(table: dict[str, Any], masks: Iterable[MaskLike] | None = None) -> dict[str, float]:
     """Predicted milliseconds of every mask (default: all 2^S), keyed by mask string."""
     masks = SkipMask.all(table["num_stages"]) if masks is None else masks
-    return {str(SkipMask.parse(m, table["num_stages"], table["model"])): predict(table, m) for m in masks}
+    return {str(parse_table_mask(table, m)): predict(table, m) for m in masks}
 
 
 def validate_table(table: Any, source: str = "table") -> dict[str, Any]:

@@ -7,18 +7,32 @@ the last (single-block) stage and the final 1x1 conv follow bit 5 (DESIGN.md sec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 from timm.models.efficientnet import EfficientNet
+from torch import nn
 
-from ..network import AdaptiveDepthMixin, adaptify, skippable, split_stage
+from ..network import AdaptiveDepthMixin, SkippableSequential, adaptify, skippable, split_stage
 from ..norms import make_switchable
 from ..registry import register_model
 
 
 class ADNMobileNetV2(AdaptiveDepthMixin, EfficientNet):
     """timm MobileNetV2 with one skippable sub-path in each of its five multi-block stages."""
+
+    def stage_segments(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        segments: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        pending: list[nn.Module] = [self.conv_stem, self.bn1]
+        for stage in self.blocks:
+            pending.append(stage)
+            if isinstance(stage, SkippableSequential):  # single-block stages join the next skippable one
+                segments.append(nn.Sequential(*pending))
+                pending = []
+        tail = nn.Sequential(*pending, self.conv_head, self.bn2)
+        return [*segments, lambda x: self.forward_head(tail(x))]
 
 
 def _block_norms(block: Any) -> tuple[str, ...]:

@@ -5,9 +5,11 @@ Norms switch only inside mandatory blocks (bn1..bn3); the stem and downsample no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
@@ -18,6 +20,12 @@ from ._small import small_input_cfg
 
 class ADNResNet(AdaptiveDepthMixin, ResNet):
     """timm ResNet with one skippable sub-path per stage."""
+
+    def stage_segments(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        def stem_and_layer1(x: torch.Tensor) -> torch.Tensor:
+            return self.layer1(self.maxpool(self.act1(self.bn1(self.conv1(x)))))
+
+        return [stem_and_layer1, self.layer2, self.layer3, self.layer4, self.forward_head]
 
 
 def _adaptify(model: ResNet, name: str) -> ADNResNet:
@@ -48,3 +56,18 @@ def resnet_mini(pretrained: bool = False, **kwargs: Any) -> ADNResNet:
     model.pretrained_cfg = small_input_cfg(model.num_classes)
     return _adaptify(model, "resnet_mini")
 
+
+
+@register_model
+def resnet_mini_deep(pretrained: bool = False, **kwargs: Any) -> ADNResNet:
+    """resnet50's stage layout (3, 4, 6, 3) with resnet_mini's basic blocks and widths, for 32x32 on CPU.
+
+    Its 7 skippable blocks (1, 2, 3, 1) make a block space as large as resnet50's (2^7), small enough
+    to search exhaustively on a laptop.
+    """
+    return _rename(resnet_mini(pretrained, layers=(3, 4, 6, 3), **kwargs), "resnet_mini_deep")
+
+
+def _rename(model: ADNResNet, name: str) -> ADNResNet:
+    model.adn_name = name
+    return model

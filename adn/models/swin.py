@@ -6,9 +6,11 @@ switch, and so does the patch-merging norm in front of stage k, which follows bi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
@@ -21,6 +23,10 @@ class ADNSwinTransformer(AdaptiveDepthMixin, SwinTransformer):
     """timm Swin with one skippable sub-path per stage."""
 
     channel_dim = -1
+
+    def stage_segments(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        first, *rest = list(self.layers)
+        return [lambda x: first(self.patch_embed(x)), *rest, lambda x: self.forward_head(self.norm(x))]
 
 
 @register_model

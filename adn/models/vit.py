@@ -6,12 +6,14 @@ skippable (one block of three). Both LayerNorms of every mandatory block switch;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..network import AdaptiveDepthMixin, adaptify, skippable, split_stage
+from ..network import AdaptiveDepthMixin, adaptify, container_segments, skippable, split_stage
 from ..registry import register_model
 from ._small import small_input_cfg
 
@@ -20,6 +22,14 @@ class ADNVisionTransformer(AdaptiveDepthMixin, VisionTransformer):
     """timm ViT whose encoder is cut into stages with one skippable sub-path each."""
 
     channel_dim = -1
+
+    def stage_segments(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        first, *rest = container_segments(self.blocks)
+
+        def embed_and_stage1(x: torch.Tensor) -> torch.Tensor:
+            return first(self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x)))))
+
+        return [embed_and_stage1, *rest, lambda x: self.forward_head(self.norm(x))]
 
 
 def _adaptify(model: VisionTransformer, name: str, num_stages: int = 4) -> ADNVisionTransformer:

@@ -14,6 +14,7 @@ SPLITS = {
     "swin_t": ((2, 2, 6, 2), (1, 1, 3, 1), lambda s, i: f"layers.{s}.blocks.{i}"),
     "resnet_mini": ((2, 2, 2, 2), (1, 1, 1, 1), lambda s, i: f"layer{s + 1}.{i}"),
     "vit_mini": ((2, 2, 2, 2), (1, 1, 1, 1), lambda s, i: f"blocks.{2 * s + i}"),
+    "resnet_mini_deep": ((3, 4, 6, 3), (1, 2, 3, 1), lambda s, i: f"layer{s + 1}.{i}"),
 }
 PAPER_MODELS = ("resnet50", "mobilenet_v2", "vit_b16", "swin_t")
 ALL_MODELS = tuple(SPLITS)

@@ -1,0 +1,212 @@
+"""`python -m search.pareto` on small trained checkpoints: the front, its accuracies, MLflow runs, samplers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adn import BlockMask, DepthSelector, select_mask
+from adn.checkpoint import load_trained
+from pipeline.data import make_loader
+from pipeline.data.shard import main as shard_main
+from pipeline.evaluate import evaluate
+from search.accuracy import MaskEvaluator
+from search.latency import load_table, predict
+from search.pareto import Candidate, hypervolume, load_batches, pareto_front
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Digits shards, and the env every command of this module runs with (its own table cache)."""
+    work = tmp_path_factory.mktemp("pareto")
+    assert shard_main(["digits", "--out", str(work / "digits")]) == 0
+    return work
+
+
+def _env(work: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR",
+                                                            "LOCAL_RANK", "MLFLOW_TRACKING_URI")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), ADN_LUT_DIR=str(work / "luts"))
+    return env
+
+
+def _run(work: Path, module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=work, env=_env(work), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _train(work: Path, model: str, epochs: int) -> Path:
+    out = work / f"{model}-run"
+    done = _run(work, "pipeline.train", "--model", model, "--data", str(work / "digits"), "--output", str(out),
+                "--epochs", str(epochs), "--no-tracking", "--workers", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(work: Path) -> Path:
+    return _train(work, "resnet_mini", 3)
+
+
+@pytest.fixture(scope="module")
+def cpu_search(work: Path, trained: Path) -> dict:
+    """The demo's search: this CPU's table measured on the spot, the 16 stage masks, tracked in MLflow."""
+    done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", str(trained), "--data",
+                str(work / "digits"), "--out", str(work / "p-cpu"), "--max-latency-ms", "1000",
+                "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "best within 1000 ms" in done.stdout
+    return json.loads((work / "p-cpu" / "pareto.json").read_text())
+
+
+def _dominated(c: dict, others: list[dict]) -> bool:
+    return any(o["acc1"] >= c["acc1"] and o["latency_ms"] <= c["latency_ms"]
+               and (o["acc1"] > c["acc1"] or o["latency_ms"] < c["latency_ms"]) for o in others)
+
+
+def test_front_is_non_dominated_and_holds_the_ends(cpu_search: dict) -> None:
+    candidates, front = cpu_search["candidates"], cpu_search["front"]
+    assert sorted(c["mask"] for c in candidates) == sorted(f"{i:04b}".replace("0", "F").replace("1", "T")
+                                                           for i in range(16))
+    assert not any(_dominated(f, candidates) for f in front)
+    # Every candidate off the front is dominated by a front point.
+    on_front = {f["mask"] for f in front}
+    assert all(_dominated(c, front) for c in candidates if c["mask"] not in on_front)
+    assert "TTTT" in on_front  # the fastest mask is never dominated
+    full = next(c for c in candidates if c["mask"] == "FFFF")
+    cheaper_as_good = any(c["acc1"] >= full["acc1"] and c["latency_ms"] < full["latency_ms"] for c in candidates)
+    assert ("FFFF" in on_front) != cheaper_as_good
+    assert cpu_search["table"]["method"] == "measured" and cpu_search["best_within_budget"]["mask"] == front[-1]["mask"]
+    for c in candidates:
+        assert c["gflops"] > 0 and c["params_m"] > 0 and 0 <= c["acc1"] <= 1
+
+
+def test_reported_accuracy_equals_one_by_one_evaluation(cpu_search: dict, trained: Path, work: Path) -> None:
+    model, meta = load_trained(trained)
+    loader = make_loader(work / "digits", "val", 100, {"data": meta["recipe"]["data"]}, rank=0, world_size=1,
+                         num_workers=0)
+    masks = [c["mask"] for c in cpu_search["candidates"]]
+    reference = evaluate(model, loader, masks)  # one full forward per mask and batch
+    for c in cpu_search["candidates"]:
+        assert c["acc1"] == reference[c["mask"]].acc1, c["mask"]
+        assert c["acc5"] == reference[c["mask"]].acc5, c["mask"]
+
+
+def test_shared_prefix_evaluation_gives_identical_logits_and_runs_fewer_segments(trained: Path, work: Path) -> None:
+    model, meta = load_trained(trained)
+    batches = load_batches(str(work / "digits"), "val", {"data": meta["recipe"]["data"]}, 120, 240)
+    shared = MaskEvaluator(model, batches, cache_bytes=0)
+    masks = model.masks()
+    assert shared.evaluate(masks) == evaluate(model, batches, masks)
+    assert shared.segment_runs == 2 * (2 + 4 + 8 + 16)  # per batch: one run per distinct prefix, not 16 x 4
+    cached = MaskEvaluator(model, batches)
+    cached.evaluate(masks[:8])
+    runs = cached.segment_runs
+    cached.evaluate(masks[8:])  # the other half shares no first-stage prefix with the first: no reuse there
+    assert cached.segment_runs - runs == 2 * (1 + 2 + 4 + 8)
+    cached.evaluate(masks)  # everything is cached now
+    assert cached.segment_runs - runs == 2 * (1 + 2 + 4 + 8)
+
+
+def test_mlflow_holds_the_parent_run_and_one_child_per_candidate(cpu_search: dict, work: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    parent = client.get_run(cpu_search["mlflow_parent"])
+    assert parent.data.params["target"] == "cpu" and parent.data.params["space"] == "stages"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"pareto.json", "pareto.png"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 16
+    by_mask = {c["mask"]: c for c in cpu_search["candidates"]}
+    for child in children:
+        mask = child.data.params["mask"]
+        assert child.data.params["target"] == "cpu"
+        assert child.data.metrics["acc1"] == pytest.approx(by_mask[mask]["acc1"])
+        assert child.data.metrics["latency_ms"] == pytest.approx(by_mask[mask]["latency_ms"])
+        assert child.data.metrics["gflops"] == pytest.approx(by_mask[mask]["gflops"])
+
+
+def test_shipped_a100_estimate_works_with_json(trained: Path, work: Path) -> None:
+    done = _run(work, "search.pareto", "--target", "a100", "--checkpoint", str(trained), "--data",
+                str(work / "digits"), "--json", "--no-tracking", "--out", str(work / "p-a100"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert set(report) >= {"front", "candidates"} and len(report["candidates"]) == 16
+    for row in report["front"] + report["candidates"]:
+        assert set(row) >= {"mask", "acc1", "latency_ms", "gflops", "params_m"}
+    pareto = json.loads((work / "p-a100" / "pareto.json").read_text())
+    assert pareto["table"]["method"] == "roofline-estimate" and pareto["table"]["source"] == "shipped"
+    assert (work / "p-a100" / "pareto.png").stat().st_size > 10_000
+
+
+def test_nsga2_over_blocks_with_30_percent_budget_nears_the_exhaustive_front(work: Path) -> None:
+    run = _train(work, "resnet_mini_deep", 3)
+    model, meta = load_trained(run)
+    masks = list(BlockMask.all(model.block_stages))
+    assert len(masks) == 2**7
+    budget = int(0.3 * len(masks))
+    done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", str(run), "--data", str(work / "digits"),
+                "--space", "blocks", "--sampler", "nsga2", "--budget", str(budget), "--no-tracking",
+                "--out", str(work / "p-blocks"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads((work / "p-blocks" / "pareto.json").read_text())
+    assert found["sampler"] == "nsga2" and len(found["candidates"]) == budget  # distinct masks
+
+    # The exhaustive reference: every block mask, evaluated and predicted with the search's own table.
+    table = load_table(found["table"]["path"])
+    batches = load_batches(str(work / "digits"), "val", {"data": meta["recipe"]["data"]}, 100, None)
+    accuracy = MaskEvaluator(model, batches).evaluate(masks)
+    exhaustive = [Candidate(str(m), accuracy[str(m)].acc1, predict(table, m), 0.0, 0.0) for m in masks]
+    sampled = [Candidate(c["mask"], c["acc1"], c["latency_ms"], 0.0, 0.0) for c in found["candidates"]]
+    for c in sampled:  # the search's numbers are the exhaustive evaluation's
+        assert c.acc1 == accuracy[c.mask].acc1 and c.latency_ms == pytest.approx(predict(table, c.mask))
+    ref_acc, ref_ms = min(c.acc1 for c in exhaustive), max(c.latency_ms for c in exhaustive)
+    ratio = hypervolume(sampled, ref_acc, ref_ms) / hypervolume(exhaustive, ref_acc, ref_ms)
+    print(f"hypervolume ratio {ratio:.3f} with {len(sampled)} distinct of {len(masks)} masks")
+    assert 0.95 <= ratio <= 1.0 + 1e-9
+
+
+def test_runtime_helper_picks_the_best_mask_within_a_budget(cpu_search: dict, work: Path) -> None:
+    front = cpu_search["front"]
+    selector = DepthSelector.from_file(work / "p-cpu")
+    assert selector.select(front[-1]["latency_ms"] + 1) == front[-1]["mask"]
+    assert selector.select(front[0]["latency_ms"]) == front[0]["mask"]
+    assert selector.select(0.0) == front[0]["mask"]  # overload: the fastest sub-network, not an error
+    if len(front) > 1:
+        between = (front[0]["latency_ms"] + front[1]["latency_ms"]) / 2
+        assert select_mask(work / "p-cpu" / "pareto.json", between) == front[0]["mask"]
+    assert pareto_front([Candidate("A", 0.9, 2.0, 0, 0), Candidate("B", 0.8, 1.0, 0, 0),
+                         Candidate("C", 0.7, 1.5, 0, 0)]) == [Candidate("B", 0.8, 1.0, 0, 0),
+                                                               Candidate("A", 0.9, 2.0, 0, 0)]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "a200"], "unknown target 'a200'"),
+    (["--target", "a100", "--batch-size", "3"], "no table for resnet_mini batch 3"),
+    (["--target", "a100", "--data", "WRONG"], "classes"),
+    (["--target", "a100", "--data", "NOVAL"], "val.json"),
+])
+def test_bad_input_fails_before_ray_starts(args: list[str], message: str, trained: Path, work: Path) -> None:
+    wrong = work / "wrong"
+    if not wrong.exists():  # 10 classes named differently: the checkpoint's classes are "0".."9"
+        (wrong).mkdir()
+        data = json.loads((work / "digits" / "val.json").read_text())
+        data["classes"] = [f"c{i}" for i in range(10)]
+        for shard in data["shards"]:
+            os.link(work / "digits" / shard["name"], wrong / shard["name"])
+        (wrong / "val.json").write_text(json.dumps(data))
+    (work / "empty").mkdir(exist_ok=True)
+    data_dir = {"WRONG": str(wrong), "NOVAL": str(work / "empty")}
+    argv = ["--checkpoint", str(trained), "--no-tracking", "--data", str(work / "digits"), *args]
+    argv = [data_dir.get(a, a) for a in argv]
+    done = _run(work, "search.pareto", *argv, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr.strip().splitlines()[-1] and "Ray" not in done.stderr
