@@ -35,6 +35,9 @@ from pipeline.tracking import Tracker, TrackingError, check_reachable, resolve_t
 from .latency import TableError, check_table_for, predict, resolve
 from .profile import LOCAL_TARGETS, local_table
 
+#: Each trial worker holds the validation samples in memory (every trial reads the same ones).
+MAX_IN_MEMORY_GIB = 8.0
+
 
 @dataclass
 class Candidate:
@@ -357,6 +360,11 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
                                                        len(manifest.classes) else "") + "; pass matching data.")
     if args.batch_size < 1 or args.eval_batch_size < 1:
         raise ValueError("--batch-size and --eval-batch-size must be at least 1.")
+    samples = manifest.num_samples if args.max_samples is None else min(args.max_samples, manifest.num_samples)
+    gib = samples * 3 * resolution**2 * 4 / 2**30
+    if gib > MAX_IN_MEMORY_GIB:
+        raise ValueError(f"the {args.split} split holds {samples} samples, {gib:.0f} GiB as float32 in each trial "
+                         f"worker; pass --max-samples (at most {int(samples * MAX_IN_MEMORY_GIB / gib)} here).")
     if args.target in LOCAL_TARGETS:
         table = local_table(model_name, args.batch_size, resolution, args.dtype or "fp32",
                             num_classes=len(classes))
@@ -371,7 +379,12 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     if sampler == "grid" and budget < size:
         raise ValueError(f"a grid over {size} masks needs --budget {size}; use --sampler nsga2 for fewer trials.")
     budget = min(budget, size) if sampler == "grid" else budget
-    out = Path(args.out) if args.out else (weights.parent / f"pareto-{args.target}")
+    if args.out:
+        out = Path(args.out)
+    elif args.checkpoint:
+        out = weights.parent / f"pareto-{args.target}"
+    else:  # weights downloaded from MLflow sit in a temporary directory
+        out = Path("runs") / f"pareto-{args.mlflow_run}-{args.target}"
     out.mkdir(parents=True, exist_ok=True)
     tracker = None
     if not args.no_tracking:
