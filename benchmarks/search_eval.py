@@ -86,7 +86,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"resnet50, all {len(masks)} stage masks, {args.samples} images at 224 in batches of {args.batch_size}, "
           f"fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
-    print(f"  one-by-one {med['one-by-one']:7.2f} s   ({len(masks) * len(batches)} full forwards)")
+    print(f"  one-by-one {med['one-by-one']:7.2f} s   (a full forward per mask and batch: {len(masks) * len(batches)})")
     print(f"  shared     {med['shared']:7.2f} s   (one run per distinct stage prefix, identical counts)")
     print(f"shared / one-by-one = {med['shared'] / med['one-by-one']:.3f}  (target <= 0.6)")
     if not args.no_ray:
