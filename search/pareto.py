@@ -179,10 +179,9 @@ class _Progress:
         bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr)
 
         class _Callback(Callback):
-            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                bar.update(1)
-                result = trial.last_result or {}
+            def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
                 if "mask" in result:
+                    bar.update(1)
                     bar.set_postfix(mask=result["mask"], acc1=f"{result['acc1']:.3f}", refresh=False)
 
         self.callback, self.bar = _Callback(), bar
@@ -213,8 +212,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
         optuna_sampler = optuna.samplers.NSGAIISampler(population_size=max(4, budget // 4), seed=seed)
     else:
         optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, budget // 4))
-    searcher = OptunaSearch(space={n: tune.choice([False, True]) for n in names}, metric=["acc1", "latency_ms"],
-                            mode=["max", "min"], sampler=optuna_sampler,
+    searcher = OptunaSearch(metric=["acc1", "latency_ms"], mode=["max", "min"], sampler=optuna_sampler,
                             points_to_evaluate=None if sampler == "grid" else _seeds(num_bits),
                             seed=seed)
     gpus = 1 if torch.cuda.is_available() else 0
@@ -224,23 +222,28 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **({} if ray_address else {"num_cpus": os.cpu_count() or 1}))
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, weights=str(weights), data=str(Path(data).resolve()), split=split,
+        tune.with_parameters(_trial, weights=str(Path(weights).resolve()), data=str(Path(data).resolve()), split=split,
                              batch_size=batch_size, max_samples=max_samples, table=table, num_bits=num_bits),
         {"cpu": 1, "gpu": gpus})
     progress = _Progress(budget)
     # The budget counts distinct masks: a sampler proposing a mask again costs a cached lookup, not a trial.
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=min(4 * budget, 4 * 2**num_bits),
-                                    reuse_actors=True),
+        param_space={n: tune.choice([False, True]) for n in names},
+        tune_config=tune.TuneConfig(search_alg=searcher, reuse_actors=True,
+                                    num_samples=budget if sampler == "grid" else 4 * budget),
         run_config=tune.RunConfig(name="pareto", storage_path=str((out / "ray").resolve()), verbose=0,
-                                  callbacks=[progress.callback], stop=_DistinctBudget(budget)),
+                                  callbacks=[progress.callback], stop=_DistinctBudget(budget),
+                                  failure_config=tune.FailureConfig(fail_fast=True)),
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Study.stop.*")
-        grid = tuner.fit()
+        try:
+            grid = tuner.fit()
+        except Exception as err:  # fail_fast: Tune raises on the first failed trial
+            raise RuntimeError(f"the Ray Tune search stopped: {err}") from err
     wall = time.perf_counter() - start
     progress.bar.close()
     errors = [r.error for r in grid if r.error]
@@ -272,7 +275,8 @@ def plot(candidates: list[Candidate], front: list[Candidate], path: Path, title:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([c.latency_ms for c in candidates], [100 * c.acc1 for c in candidates], s=14, color="0.65",
                label="candidates")
-    ax.plot([c.latency_ms for c in front], [100 * c.acc1 for c in front], "-o", color="C0", ms=5, label="Pareto front")
+    ax.plot([c.latency_ms for c in front], [100 * c.acc1 for c in front], "-o", color="C0", ms=7, mfc="none",
+            zorder=4, label="Pareto front")
     for c in candidates:
         if c.mask in (super_mask, base_mask):
             name = "super-net" if c.mask == super_mask else "base-net"
@@ -343,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DataError, TableError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({k: report[k] for k in ("front", "candidates", "best_within_budget")}, indent=1))
     return 0

@@ -57,9 +57,11 @@ def trained(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_search(work: Path, trained: Path) -> dict:
-    """The demo's search: this CPU's table measured on the spot, the 16 stage masks, tracked in MLflow."""
-    done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", str(trained), "--data",
-                str(work / "digits"), "--out", str(work / "p-cpu"), "--max-latency-ms", "1000",
+    """The demo's search: this CPU's table measured on the spot, the 16 stage masks, tracked in MLflow.
+
+    Paths are relative to the working directory, as `make demo` passes them (Ray trials run elsewhere)."""
+    done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", trained.name, "--data", "digits",
+                "--out", "p-cpu", "--max-latency-ms", "1000",
                 "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "best within 1000 ms" in done.stdout
