@@ -14,10 +14,33 @@ from typing import Union
 MaskLike = Union["SkipMask", "BlockMask", str, Sequence[bool], None]
 
 
-class SkipMask(Sequence[bool]):
-    """An immutable skip mask; parses strings and bool sequences, prints as ``TTFF``."""
+class _Bits(Sequence[bool]):
+    """Immutable bits that print as T/F letters."""
 
     __slots__ = ("_bits",)
+    _bits: tuple[bool, ...]
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._bits[index]
+
+    def __iter__(self) -> Iterator[bool]:
+        return iter(self._bits)
+
+    def __str__(self) -> str:
+        return "".join("T" if b else "F" for b in self._bits)
+
+
+class SkipMask(_Bits):
+    """An immutable skip mask; parses strings and bool sequences, prints as ``TTFF``."""
+
+    __slots__ = ()
 
     def __init__(self, bits: Sequence[bool]) -> None:
         self._bits = tuple(bool(b) for b in bits)
@@ -59,18 +82,6 @@ class SkipMask(Sequence[bool]):
         for bits in itertools.product((False, True), repeat=num_stages):
             yield cls(bits)
 
-    @property
-    def num_skipped(self) -> int:
-        return sum(self._bits)
-
-    def __len__(self) -> int:
-        return len(self._bits)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self._bits[index]
-
-    def __iter__(self) -> Iterator[bool]:
-        return iter(self._bits)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SkipMask):
@@ -82,14 +93,11 @@ class SkipMask(Sequence[bool]):
     def __hash__(self) -> int:
         return hash(self._bits)
 
-    def __str__(self) -> str:
-        return "".join("T" if b else "F" for b in self._bits)
-
     def __repr__(self) -> str:
         return f"SkipMask('{self}')"
 
 
-class BlockMask(Sequence[bool]):
+class BlockMask(_Bits):
     """One bit per skippable block, in forward order; ``stages[i]`` is the stage bit of block ``i``.
 
     Norm rule: the switchable norms of stage k take their skipped half only when every skippable
@@ -99,7 +107,7 @@ class BlockMask(Sequence[bool]):
     computes exactly what the stage mask ``stage_mask()`` computes.
     """
 
-    __slots__ = ("_bits", "stages")
+    __slots__ = ("stages",)
 
     def __init__(self, bits: Sequence[bool], stages: Sequence[int]) -> None:
         self._bits = tuple(bool(b) for b in bits)
@@ -146,18 +154,6 @@ class BlockMask(Sequence[bool]):
         return SkipMask(tuple(all(b for b, s in zip(self._bits, self.stages, strict=True) if s == k)
                               for k in range(num_stages)))
 
-    @property
-    def num_skipped(self) -> int:
-        return sum(self._bits)
-
-    def __len__(self) -> int:
-        return len(self._bits)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self._bits[index]
-
-    def __iter__(self) -> Iterator[bool]:
-        return iter(self._bits)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, BlockMask):
@@ -168,9 +164,6 @@ class BlockMask(Sequence[bool]):
 
     def __hash__(self) -> int:
         return hash((self._bits, self.stages))
-
-    def __str__(self) -> str:
-        return "".join("T" if b else "F" for b in self._bits)
 
     def __repr__(self) -> str:
         return f"BlockMask('{self}')"
