@@ -209,7 +209,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
     if sampler == "grid":
         optuna_sampler = optuna.samplers.GridSampler({n: [False, True] for n in names}, seed=seed)
     elif sampler == "nsga2":
-        optuna_sampler = optuna.samplers.NSGAIISampler(population_size=max(4, budget // 4), seed=seed)
+        optuna_sampler = optuna.samplers.NSGAIISampler(population_size=max(4, budget // 8), seed=seed)
     else:
         optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, budget // 4))
     searcher = OptunaSearch(metric=["acc1", "latency_ms"], mode=["max", "min"], sampler=optuna_sampler,
@@ -231,7 +231,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
         trainable,
         param_space={n: tune.choice([False, True]) for n in names},
         tune_config=tune.TuneConfig(search_alg=searcher, reuse_actors=True,
-                                    num_samples=budget if sampler == "grid" else 4 * budget),
+                                    num_samples=budget if sampler == "grid" else 10 * budget),
         run_config=tune.RunConfig(name="pareto", storage_path=str((out / "ray").resolve()), verbose=0,
                                   callbacks=[progress.callback], stop=_DistinctBudget(budget),
                                   failure_config=tune.FailureConfig(fail_fast=True)),
