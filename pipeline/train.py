@@ -342,7 +342,7 @@ class Trainer:
         try:
             while step < self.total_steps:
                 epoch, start = divmod(step, self.steps_per_epoch)
-                step = self.train_epoch(epoch, start, client.get("rng") if start else None, replicas)
+                step = self.train_epoch(epoch, start, client.get("rng"), replicas)  # resumed: same RNG as then
                 client = {}
                 if step % self.steps_per_epoch == 0 or step == self.total_steps:
                     self.end_epoch(epoch, step)

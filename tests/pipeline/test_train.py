@@ -127,6 +127,20 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
         assert torch.equal(expected[k], got[k]), k
 
 
+def test_resume_from_an_epoch_end_checkpoint_ends_with_the_same_weights(reference_run: Path, digits: Path,
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = _train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--max-steps", "44",
+                   cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step000000044"
+    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(reference_run / "run" / "weights.safetensors")
+    got = load_file(out / "weights.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_two_ranks_over_loopback_hold_identical_weights_after_every_step(digits: Path, tmp_path: Path) -> None:
     """Two gloo ranks on CPU, started by the real `deepspeed` launcher as a user would."""
     out = tmp_path / "run"
