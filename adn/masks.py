@@ -169,6 +169,18 @@ class BlockMask(_Bits):
         return f"BlockMask('{self}')"
 
 
+def parse_any(value: MaskLike, num_stages: int, block_stages: Sequence[int],
+              model_name: str = "this model") -> SkipMask | BlockMask:
+    """A stage mask (S letters or bools), or a block mask (a ``BlockMask``, or one letter per skippable block).
+
+    Where a model has one skippable block per stage both readings are the same sub-network.
+    """
+    if isinstance(value, BlockMask) or (
+            isinstance(value, str) and len(value.strip()) == len(block_stages) != num_stages):
+        return BlockMask.parse(value, block_stages, model_name)
+    return SkipMask.parse(value, num_stages, model_name)
+
+
 def stage_view(mask: SkipMask | BlockMask) -> SkipMask:
     """The per-stage mask the switchable norms follow."""
     return mask.stage_mask() if isinstance(mask, BlockMask) else mask

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .masks import BlockMask, MaskLike, SkipMask, stage_view
+from .masks import BlockMask, MaskLike, SkipMask, parse_any, stage_view
 from .norms import SwitchableNorm, make_switchable
 
 
@@ -125,10 +125,7 @@ class AdaptiveDepthMixin:
 
     def parse_mask(self, skip: MaskLike) -> SkipMask | BlockMask:
         """A stage mask (S letters), or a block mask (one letter per skippable block, or a ``BlockMask``)."""
-        if isinstance(skip, BlockMask) or (
-                isinstance(skip, str) and len(skip.strip()) == len(self.block_stages) != self.num_stages):
-            return BlockMask.parse(skip, self.block_stages, self.adn_name)
-        return SkipMask.parse(skip, self.num_stages, self.adn_name)
+        return parse_any(skip, self.num_stages, self.block_stages, self.adn_name)
 
     def set_skip(self, skip: MaskLike) -> SkipMask | BlockMask:
         """Select the sub-network used by later forwards; returns the parsed mask."""

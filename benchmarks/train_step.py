@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -32,16 +31,6 @@ import torch
 from tqdm import tqdm
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def _init_world() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
 def _peak_allocated(fn) -> float:
@@ -69,7 +58,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
-    _init_world()
+    from pipeline.train import setup_distributed
+
+    setup_distributed()
     import deepspeed
     from deepspeed.utils import logger
 

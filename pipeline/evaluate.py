@@ -23,6 +23,13 @@ class Accuracy:
     samples: int
 
 
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 hits, top-5 hits) of one batch as device scalars (no sync); top-5 is top-all under 5 classes."""
+    k = min(5, logits.shape[-1])
+    hit = logits.topk(k, dim=-1).indices.eq(labels.view(-1, 1))
+    return hit[:, 0].sum(), hit.any(dim=1).sum()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, masks: Sequence[SkipMask | str], *,
              device: str | torch.device = "cpu", total: int | None = None, progress: bool = False,
@@ -36,12 +43,9 @@ def evaluate(model: nn.Module, batches: Iterable, masks: Sequence[SkipMask | str
         for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False, unit="batch"):
             images, labels = batch[0], batch[1]
             for i, mask in enumerate(masks):
-                logits = model(images, skip=mask)
-                k = min(5, logits.shape[-1])
-                top = logits.topk(k, dim=-1).indices
-                hit = top.eq(labels.view(-1, 1))
-                counts[i, 0] += hit[:, 0].sum()
-                counts[i, 1] += hit.any(dim=1).sum()
+                top1, top5 = topk_hits(model(images, skip=mask), labels)
+                counts[i, 0] += top1
+                counts[i, 1] += top5
                 counts[i, 2] += labels.numel()
     finally:
         model.train(was_training)

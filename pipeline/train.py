@@ -146,8 +146,11 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def _setup_distributed(use_cuda: bool) -> tuple[int, int, int]:
-    """Fill the env:// variables for a plain single process, then let DeepSpeed start torch.distributed."""
+def setup_distributed(use_cuda: bool = False) -> tuple[int, int, int]:
+    """Fill the env:// variables for a plain single process, then let DeepSpeed start torch.distributed.
+
+    Returns (rank, world size, local rank). Launchers (deepspeed, torchrun, SLURM via MPI) set the variables.
+    """
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -209,7 +212,7 @@ class Trainer:
         use_cuda = torch.cuda.is_available() and not args.cpu
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        self.rank, self.world, local_rank = _setup_distributed(use_cuda)
+        self.rank, self.world, local_rank = setup_distributed(use_cuda)
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
@@ -224,15 +227,13 @@ class Trainer:
         self.output = Path(cfg["output"])
         self.ckpt_dir = self.output / CHECKPOINTS
 
-        manifest = read_manifest(cfg["data_dir"], "train")
-        self.classes = manifest.classes
-        read_manifest(cfg["data_dir"], "val")
         recipe = {"data": cfg["data"]}
         self.train_loader = make_loader(cfg["data_dir"], "train", cfg["batch_size"], recipe, rank=self.rank,
                                         world_size=self.world, num_workers=cfg["workers"], seed=cfg["seed"],
                                         device=self.device)
         self.val_loader = make_loader(cfg["data_dir"], "val", cfg["batch_size"], recipe, rank=self.rank,
                                       world_size=self.world, num_workers=cfg["workers"], device=self.device)
+        self.classes = self.train_loader.classes
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
         if cfg["max_steps"]:

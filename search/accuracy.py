@@ -20,7 +20,7 @@ from torch import nn
 
 from adn import BlockMask, SkipMask
 from adn.masks import MaskLike
-from pipeline.evaluate import Accuracy
+from pipeline.evaluate import Accuracy, topk_hits
 
 
 def _stage_choices(mask: SkipMask | BlockMask, num_stages: int) -> tuple[Any, ...]:
@@ -74,12 +74,10 @@ class MaskEvaluator:
             if depth == self.num_stages:
                 for mask in group:
                     self.model.set_skip(mask)
-                    logits = self.segments[-1](state)
-                    k = min(5, logits.shape[-1])
-                    hit = logits.topk(k, dim=-1).indices.eq(labels.view(-1, 1))
+                    top1, top5 = topk_hits(self.segments[-1](state), labels)
                     c = counts[str(mask)]
-                    c[0] += int(hit[:, 0].sum())
-                    c[1] += int(hit.any(dim=1).sum())
+                    c[0] += int(top1)
+                    c[1] += int(top5)
                     c[2] += labels.numel()
                 return
             branches: dict[Any, list[SkipMask | BlockMask]] = {}

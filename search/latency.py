@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from adn import BlockMask, SkipMask
-from adn.masks import MaskLike, stage_view
+from adn.masks import MaskLike, parse_any, stage_view
 
 FORMAT = "adn-latency/1"
 SHIPPED_DIR = Path(__file__).parent / "luts"
@@ -40,10 +40,7 @@ def user_dir() -> Path:
 def parse_table_mask(table: dict[str, Any], mask: MaskLike) -> SkipMask | BlockMask:
     """A stage mask, or a block mask (one letter per skippable part of the table, in forward order)."""
     stages = tuple(p["skip_bit"] for p in table["parts"] if p["skip_bit"] is not None)
-    if isinstance(mask, BlockMask) or (isinstance(mask, str) and len(mask.strip()) == len(stages)
-                                       != table["num_stages"]):
-        return BlockMask.parse(mask, stages, table["model"])
-    return SkipMask.parse(mask, table["num_stages"], table["model"])
+    return parse_any(mask, table["num_stages"], stages, table["model"])
 
 
 def predict(table: dict[str, Any], mask: MaskLike = None) -> float:
@@ -196,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
             table = local_table(args.model, args.batch_size, args.resolution, args.dtype or "fp32")
         else:
-            from .profile import prepare
+            from .parts import default_resolution
 
-            res = args.resolution or prepare(args.model, "cpu", 1, None, "fp32")[2]
+            res = args.resolution or default_resolution(args.model)
             table = resolve(args.target, args.model, args.batch_size, res, args.dtype)
     except (TableError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

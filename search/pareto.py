@@ -33,6 +33,7 @@ from pipeline.data import DataError, make_loader, read_manifest
 from pipeline.tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
 from .latency import TableError, check_table_for, predict, resolve
+from .parts import skeleton
 from .profile import LOCAL_TARGETS, local_table
 
 #: Each trial worker holds the validation samples in memory (every trial reads the same ones).
@@ -187,7 +188,7 @@ class _Progress:
         self.callback, self.bar = _Callback(), bar
 
 
-def run_search(weights: Path, data: str, table: dict[str, Any], space: str, sampler: str, budget: int,
+def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, sampler: str, budget: int,
                *, batch_size: int = 64, max_samples: int | None = None, ray_address: str | None = None,
                seed: int = 0, out: Path, split: str = "val") -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Run the Ray Tune + Optuna search; returns one result dict per trial and timing figures."""
@@ -198,13 +199,6 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    meta = read_metadata(weights)
-    model_name = meta["model"]
-    from adn import create_model
-
-    with torch.device("meta"):
-        skeleton = create_model(model_name, num_classes=meta["num_classes"])
-    num_bits = skeleton.num_stages if space == "stages" else len(skeleton.block_stages)
     names = [f"b{i}" for i in range(num_bits)]
     if sampler == "grid":
         optuna_sampler = optuna.samplers.GridSampler({n: [False, True] for n in names}, seed=seed)
@@ -255,14 +249,6 @@ def run_search(weights: Path, data: str, table: dict[str, Any], space: str, samp
     timing = {"wall_s": wall, "trials": len(results), "eval_s": eval_s,
               "ray_overhead_s_per_trial": max(wall * concurrency - eval_s, 0.0) / max(len(results), 1)}
     return results, timing
-
-
-def space_size(model_name: str, num_classes: int, space: str) -> int:
-    from adn import create_model
-
-    with torch.device("meta"):
-        m = create_model(model_name, num_classes=num_classes)
-    return 2 ** (m.num_stages if space == "stages" else len(m.block_stages))
 
 
 def plot(candidates: list[Candidate], front: list[Candidate], path: Path, title: str,
@@ -378,7 +364,9 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     else:
         table = resolve(args.target, model_name, args.batch_size, resolution, args.dtype)
     check_table_for(table, model_name, args.batch_size, resolution)
-    size = space_size(model_name, len(classes), args.space)
+    shape = skeleton(model_name)
+    num_bits = shape.num_stages if args.space == "stages" else len(shape.block_stages)
+    size = 2**num_bits
     budget = args.budget or min(size, 256)
     if budget < 2:
         raise ValueError(f"--budget must be at least 2, got {budget}.")
@@ -398,7 +386,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         check_reachable(resolve_tracking_uri(args.tracking_uri))
         tracker = Tracker(args.tracking_uri, args.experiment, f"{model_name}-{args.target}-{args.space}")
 
-    results, timing = run_search(weights, args.data, table, args.space, sampler, budget,
+    results, timing = run_search(weights, args.data, table, num_bits, sampler, budget,
                                  batch_size=args.eval_batch_size, max_samples=args.max_samples,
                                  ray_address=args.ray_address, seed=args.seed, out=out, split=args.split)
     model, _ = load_trained(weights)
@@ -410,8 +398,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
                                            count_params(model, r["mask"]) / 1e6, r["acc5"])
     candidates = sorted(by_mask.values(), key=lambda c: c.latency_ms)
     front = pareto_front(candidates)
-    n_bits = model.num_stages if args.space == "stages" else len(model.block_stages)
-    super_mask, base_mask = "F" * n_bits, "T" * n_bits
+    super_mask, base_mask = "F" * num_bits, "T" * num_bits
     super_ms = predict(table, super_mask)
     best = best_within(front, args.max_latency_ms) if args.max_latency_ms is not None else None
     report = {

@@ -8,13 +8,27 @@ remainder, attributed to the whole network. Latency tables hold one entry per pa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from adn import AdaptiveDepthMixin, SkippableSequential, SwitchableNorm
+from adn import AdaptiveDepthMixin, SkippableSequential, SwitchableNorm, create_model, list_models
+
+
+@functools.cache
+def skeleton(name: str) -> nn.Module:
+    """The ADN model ``name`` built on the meta device: its stages, blocks and input size, no weights, no compute."""
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
+    with torch.device("meta"):
+        return create_model(name)
+
+
+def default_resolution(name: str) -> int:
+    return int(skeleton(name).pretrained_cfg["input_size"][-1])
 
 
 @dataclass

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from adn import BlockMask, SkipMask, create_model, list_models
 
 from .latency import FORMAT, TableError, load_table, predict, predict_all, save_table, user_dir
-from .parts import Part, capture_inputs, model_parts
+from .parts import Part, capture_inputs, default_resolution, model_parts, skeleton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOCAL_TARGETS = ("cpu", "local")
@@ -227,7 +227,7 @@ def validate(table: dict[str, Any], device: str = "cpu", rounds: int = 15,
 def local_table(model: str, batch_size: int, resolution: int | None, dtype: str = "fp32", rounds: int = 15,
                 remeasure: bool = False, num_classes: int = 1000) -> dict[str, Any]:
     """``--target cpu``: this machine's table, measured now unless a cached one matches it exactly."""
-    _, _, res = prepare(model, "cpu", 1, resolution, dtype)
+    res = resolution or default_resolution(model)
     path = user_dir() / "cpu" / f"{model}_b{batch_size}_r{res}_{dtype}.json"
     if path.is_file() and not remeasure:
         try:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--rounds must be at least 3 for a median to mean anything, got {args.rounds}.")
         if args.save_as in LOCAL_TARGETS:
             raise ValueError(f"{args.save_as!r} names this machine's cache; pick a target name such as h100.")
-        masks = list(SkipMask.all(create_model(args.model).num_stages)) if args.validate else []
+        masks = list(SkipMask.all(skeleton(args.model).num_stages)) if args.validate else []
         table = measure_table(args.model, args.device, args.batch_size, args.resolution, args.dtype, args.rounds,
                               args.num_classes, validate_masks=masks)
         report = compare(table, table.pop("validation_ms")) if args.validate else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -89,15 +88,12 @@ def test_baseline_modes_run_one_pass_on_their_sub_network() -> None:
 def deepspeed_world():
     """A one-rank gloo world for in-process DeepSpeed engines (DS_ACCELERATOR=cpu)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    from pipeline.train import setup_distributed
+
+    setup_distributed()  # what a plain `python -m pipeline.train` does: one rank on a free loopback port
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     yield deepspeed
     torch.distributed.destroy_process_group()
     for k, v in saved.items():
