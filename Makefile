@@ -7,10 +7,10 @@ MODEL  ?= resnet_mini
 DATA   ?= data/digits
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo train bench lint clean
+.PHONY: help install test demo train train-cluster system-deps bench lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the project with the tested pins (constraints.txt)
 
@@ -32,6 +32,19 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
 	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)
+
+# train-cluster: LAUNCHER=slurm|ssh|local (default: slurm if sbatch is here, else ssh with a HOSTFILE, else local)
+CLUSTER_FLAGS = $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NODES),--nodes $(NODES)) \
+	$(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
+	$(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) \
+	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(TIME),--time $(TIME)) \
+	$(if $(WAIT),--wait)
+
+train-cluster: install  ## train MODEL on NODES nodes from DATA (dir or URL): LAUNCHER=slurm|ssh|local GPUS_PER_NODE HOSTFILE ARGS
+	$(PY) -m pipeline.launch $(CLUSTER_FLAGS) -- --model $(MODEL) --data $(DATA) $(ARGS)
+
+system-deps:  ## Debian packages for the cluster layer and its tests (slurm-wlm, munge, curl, pdsh, iproute2); root
+	bash cluster/system-deps.sh
 
 bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/inference.py

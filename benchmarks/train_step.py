@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
 
-    from pipeline.train import setup_distributed
+    from pipeline.distributed import setup_distributed
 
     setup_distributed()
     import deepspeed

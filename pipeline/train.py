@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from adn.loss import DistillationConfig
 
 from .checkpoint import CHECKPOINTS, find_checkpoint, prune, rng_state, set_rng_state, step_tag
 from .data import DataError, make_loader, read_manifest
+from .data.storage import parse_location
+from .distributed import RENDEZVOUS_TIMEOUT_S, ClusterError, setup_distributed
 from .evaluate import Accuracy, evaluate
 from .optim import build_optimizer, build_scheduler
 from .recipes import list_recipes, load_recipe
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train an ADN super-net (two-pass self-distillation) with DeepSpeed, tracked in MLflow.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="ADN model name (adn.list_models()); defaults to the recipe's model")
-    p.add_argument("--data", required=True, help="directory of WebDataset shards with train.json and val.json")
+    p.add_argument("--data", required=True, help="WebDataset shards with train.json and val.json: a directory, "
+                                                 "http(s)://HOST/PREFIX, s3://BUCKET/PREFIX or 'pipe:CMD {}'")
     p.add_argument("--recipe", help=f"shipped recipe ({', '.join(list_recipes())}) or a YAML file; "
                                     "defaults to the recipe named after --model")
     p.add_argument("--mode", choices=MODES, default="adn",
@@ -77,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs)")
+    g.add_argument("--rendezvous-timeout", type=float, default=RENDEZVOUS_TIMEOUT_S, metavar="S",
+                   help="seconds the ranks wait for each other at start (an unreachable MASTER_ADDR fails after this)")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     g = p.add_argument_group("evaluation, checkpoints, tracking")
     g.add_argument("--eval-all-masks", action="store_true", help="evaluate all 2^S masks after each epoch")
@@ -113,7 +117,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "model": model,
         "recipe": str(recipe_name),
         "mode": args.mode,
-        "data_dir": str(Path(args.data).resolve()),
+        "data_dir": parse_location(args.data).absolute(),
         "output": str(Path(args.output or f"runs/{model}-{args.mode}").resolve()),
         "epochs": args.epochs or recipe["epochs"],
         "batch_size": args.batch_size or recipe["batch_size"],
@@ -144,22 +148,6 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if cfg["ema"] and cfg["zero_stage"] == 3:
         raise ValueError("--ema needs the full weights on every rank; use --zero-stage 0, 1 or 2 with it.")
     return cfg
-
-
-def setup_distributed(use_cuda: bool = False) -> tuple[int, int, int]:
-    """Fill the env:// variables for a plain single process, then let DeepSpeed start torch.distributed.
-
-    Returns (rank, world size, local rank). Launchers (deepspeed, torchrun, SLURM via MPI) set the variables.
-    """
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def deepspeed_config(cfg: dict[str, Any], precision: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -212,7 +200,7 @@ class Trainer:
         use_cuda = torch.cuda.is_available() and not args.cpu
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        self.rank, self.world, local_rank = setup_distributed(use_cuda)
+        self.rank, self.world, local_rank = setup_distributed(use_cuda, args.rendezvous_timeout)
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
@@ -223,6 +211,7 @@ class Trainer:
             raise ValueError(f"--precision {precision} needs a GPU; on CPU training runs in fp32.")
         cfg["precision"] = precision
         cfg["world_size"] = self.world
+        cfg["nodes"] = int(os.environ.get("CROSS_SIZE", 1))  # set by the DeepSpeed launcher
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.output = Path(cfg["output"])
         self.ckpt_dir = self.output / CHECKPOINTS
@@ -469,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
         trainer = Trainer(cfg, args)
         trainer.run()
-    except (ValueError, FileNotFoundError, DataError, TrackingError) as err:
+    except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="weights.safetensors or a training output directory")
     src.add_argument("--mlflow-run", metavar="ID", help="a training run whose weights artifact to use")
-    p.add_argument("--data", required=True, help="WebDataset shards directory with the validation split")
+    p.add_argument("--data", required=True, help="WebDataset shards with the validation split: a directory, "
+                                                 "http(s)://HOST/PREFIX, s3://BUCKET/PREFIX or 'pipe:CMD {}'")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the latency table (deployment batch)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="batch for the accuracy evaluation")

@@ -6,6 +6,7 @@ batches on every rank, however uneven the shards (a part that runs dry goes roun
 again): distributed training cannot hang on a short rank.
 Validation never resamples: the samples, in manifest order, are cut into one contiguous range
 per (rank, worker), so every sample is seen exactly once across all ranks.
+Shards stream from wherever ``pipeline.data.storage`` can reach: a directory, http(s), s3, or a pipe.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from ..recipes import load_recipe
 from .manifest import Manifest, read_manifest
+from .storage import Location, ShardReadError, parse_location, shard_samples, stream_samples
 from .transforms import Normalize, batch_transform, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -127,8 +129,8 @@ def _seeded_shuffle(seeds: _Seeds, bufsize: int) -> Callable[[Iterator[Any]], It
 class _ExactSamples(IterableDataset):
     """Samples ``[start, stop)`` of the split, in manifest order, for this (rank, worker): no resampling."""
 
-    def __init__(self, manifest: Manifest, directory: Path, rank: int, world_size: int, bad: BadSamples) -> None:
-        self.manifest, self.directory, self.rank, self.world_size, self.bad = manifest, directory, rank, world_size, bad
+    def __init__(self, manifest: Manifest, location: Location, rank: int, world_size: int, bad: BadSamples) -> None:
+        self.manifest, self.location, self.rank, self.world_size, self.bad = manifest, location, rank, world_size, bad
 
     def part_range(self, part: int, parts: int) -> tuple[int, int]:
         n = self.manifest.num_samples
@@ -141,12 +143,15 @@ class _ExactSamples(IterableDataset):
             lo, hi = max(start - offset, 0), min(stop - offset, shard.num_samples)
             if lo >= hi:
                 continue
-            url = str(self.directory / shard.name)
-            for position, sample in enumerate(wds.tarfile_samples([{"url": url}], handler=self.bad.tar_handler)):
-                if position >= hi:
-                    break
-                if position >= lo:
-                    yield sample
+            samples = shard_samples(self.location.url(shard.name), self.bad.tar_handler)
+            try:
+                for position, sample in enumerate(samples):
+                    if position >= hi:
+                        break
+                    if position >= lo:
+                        yield sample
+            finally:
+                samples.close()  # stops the shard's stream (and its download) at the range's end
 
 
 def _decoder(transform: Callable[[Image.Image], torch.Tensor], bad: BadSamples) -> Callable[[dict], Any]:
@@ -224,14 +229,18 @@ class ShardLoader:
         main process's random state (restored by the caller after ``start`` batches) is untouched.
         """
         batches = iter(self.loader)
-        for _ in itertools.islice(batches, start):
-            pass
-        for batch in batches:
-            images = self.normalize(batch.images.to(self.device, non_blocking=True))
-            labels = batch.labels.to(self.device, non_blocking=True)
-            if self.mix is not None:
-                images, labels = self.mix(images, labels)
-            yield Batch(images, labels, batch.keys)
+        try:
+            for _ in itertools.islice(batches, start):
+                pass
+            for batch in batches:
+                images = self.normalize(batch.images.to(self.device, non_blocking=True))
+                labels = batch.labels.to(self.device, non_blocking=True)
+                if self.mix is not None:
+                    images, labels = self.mix(images, labels)
+                yield Batch(images, labels, batch.keys)
+        except ShardReadError as err:
+            # From a DataLoader worker the message carries the worker's traceback; keep the sentence.
+            raise ShardReadError(str(err).strip().splitlines()[-1].split("ShardReadError: ")[-1]) from None
 
     @property
     def bad_samples(self) -> int:
@@ -251,7 +260,7 @@ class ShardLoader:
 
 
 def make_loader(
-    data_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | Location,
     split: str,
     batch_size: int,
     recipe: str | os.PathLike[str] | dict[str, Any] = "resnet50",
@@ -267,12 +276,14 @@ def make_loader(
 ) -> ShardLoader:
     """Build the loader of ``split`` (``train`` defaults to ``split == "train"``); checks shards before streaming.
 
-    Batches arrive normalized on ``device``; ``rank``/``world_size`` default to torch.distributed's.
+    ``data_dir`` is a directory or a remote location (``http(s)://``, ``s3://``, ``pipe:CMD``; see
+    ``pipeline.data.storage``). Batches arrive normalized on ``device``; ``rank``/``world_size``
+    default to torch.distributed's.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    directory = Path(data_dir)
-    manifest = read_manifest(directory, split, verify=verify)
+    location = parse_location(data_dir)
+    manifest = read_manifest(location, split, verify=verify)
     data = load_recipe(recipe)["data"]
     train = split == "train" if train is None else train
     if rank is None or world_size is None:
@@ -287,15 +298,15 @@ def make_loader(
                              f"each of {world_size} ranks; lower the batch size.")
         # A buffer that is a large share of a part mixes in its next pass: cap it at 1/8 of a part.
         buffer = max(1, min(shuffle_buffer, manifest.num_samples // (8 * world_size * workers)))
-        stages = [_EpochShards([str(directory / s.name) for s in manifest.shards], seeds, world_size),
-                  wds.tarfile_to_samples(handler=bad.tar_handler),
+        stages = [_EpochShards([location.url(s.name) for s in manifest.shards], seeds, world_size),
+                  stream_samples(bad.tar_handler),
                   _seeded_shuffle(seeds, buffer),
                   *_decode_and_batch(train_transform(data), bad, batch_size, partial=False)]
         pipeline = wds.DataPipeline(*stages)
         # Each worker stops after its share; together the rank yields exactly num_batches.
         pipeline = _PerWorkerEpoch(pipeline, num_batches)
     else:
-        exact = _ExactSamples(manifest, directory, rank, world_size, bad)
+        exact = _ExactSamples(manifest, location, rank, world_size, bad)
         pipeline = wds.DataPipeline(exact, *_decode_and_batch(val_transform(data), bad, batch_size, partial=True))
         num_batches = 0
         for w in range(workers):

@@ -1,4 +1,4 @@
-"""The manifest of one split: ``DIR/<split>.json`` lists its shards, their sample counts and checksums."""
+"""The manifest of one split: ``<location>/<split>.json`` lists its shards, their sample counts and checksums."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+from .storage import Location, parse_location
+
 FORMAT = "adn-webdataset/1"
-
-
-class DataError(ValueError):
-    """Shards or manifest are missing or disagree; raised before any training or search starts."""
+__all__ = ["DataError", "Manifest", "ShardInfo", "read_manifest", "sha256_of"]
 
 
 @dataclass
@@ -59,38 +59,53 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(directory: str | os.PathLike[str], split: str, verify: str = "size") -> Manifest:
-    """Load and check ``DIR/<split>.json`` against the shard files (``verify``: "size" or "sha256")."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"shard directory {str(directory)!r} does not exist; write shards with "
-                        "`python -m pipeline.data.shard` first.")
-    path = directory / f"{split}.json"
-    if not path.is_file():
-        found = sorted(p.name for p in directory.glob("*.json"))
-        raise DataError(f"no manifest {str(path)!r} for split {split!r} (found: {', '.join(found) or 'none'}); "
-                        "write shards with `python -m pipeline.data.shard`.")
+def read_manifest(location: str | os.PathLike[str] | Location, split: str, verify: str = "size") -> Manifest:
+    """Load ``<location>/<split>.json`` and check it; local shards are checked against it too.
+
+    ``verify`` is "size" or "sha256" for local shards. Remote shards (http, s3, pipe) are not
+    touched here: reading the manifest is what proves the location, and each shard is checked
+    when it streams.
+    """
+    location = location if isinstance(location, Location) else parse_location(location)
+    name = f"{split}.json"
+    if location.is_local:
+        directory = location.path("")
+        if not directory.is_dir():
+            raise DataError(f"shard directory {str(directory)!r} does not exist; write shards with "
+                            "`python -m pipeline.data.shard` first.")
+        path = location.path(name)
+        if not path.is_file():
+            found = sorted(p.name for p in directory.glob("*.json"))
+            raise DataError(f"no manifest {str(path)!r} for split {split!r} (found: {', '.join(found) or 'none'}); "
+                            "write shards with `python -m pipeline.data.shard`.")
+    where = location.display(name)
     try:
-        raw = json.loads(path.read_text())
+        text = location.read(name)
+    except OSError as err:
+        raise DataError(f"no manifest {where} for split {split!r} ({err}); write shards with "
+                        "`python -m pipeline.data.shard` and upload them with their manifests.") from None
+    try:
+        raw = json.loads(text)
         shards = [ShardInfo(**s) for s in raw["shards"]]
         manifest = Manifest(split, int(raw["num_samples"]), list(raw["classes"]), shards,
                             {k: v for k, v in raw.items() if k not in
                              {"format", "split", "num_samples", "num_classes", "classes", "shards"}})
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"manifest {str(path)!r} is not a valid shard manifest: {err}.") from err
+        raise DataError(f"manifest {where!r} is not a valid shard manifest: {err}.") from err
     if not shards:
-        raise DataError(f"manifest {str(path)!r} lists no shards.")
+        raise DataError(f"manifest {where!r} lists no shards.")
     if sum(s.num_samples for s in shards) != manifest.num_samples:
-        raise DataError(f"manifest {str(path)!r} says {manifest.num_samples} samples but its shards add up to "
+        raise DataError(f"manifest {where!r} says {manifest.num_samples} samples but its shards add up to "
                         f"{sum(s.num_samples for s in shards)}; rewrite the shards.")
-    for s in shards:
-        shard_path = directory / s.name
-        if not shard_path.is_file():
-            raise DataError(f"shard {str(shard_path)!r} listed in {path.name} is missing; rewrite or copy it.")
-        size = shard_path.stat().st_size
-        if size != s.bytes:
-            raise DataError(f"shard {str(shard_path)!r} has {size} bytes, the manifest says {s.bytes}; "
-                            "the shards and the manifest disagree.")
-        if verify == "sha256" and sha256_of(shard_path) != s.sha256:
-            raise DataError(f"shard {str(shard_path)!r} does not match its sha256 in {path.name}.")
+    if location.is_local:
+        for s in shards:
+            shard_path = location.path(s.name)
+            if not shard_path.is_file():
+                raise DataError(f"shard {str(shard_path)!r} listed in {name} is missing; rewrite or copy it.")
+            size = shard_path.stat().st_size
+            if size != s.bytes:
+                raise DataError(f"shard {str(shard_path)!r} has {size} bytes, the manifest says {s.bytes}; "
+                                "the shards and the manifest disagree.")
+            if verify == "sha256" and sha256_of(shard_path) != s.sha256:
+                raise DataError(f"shard {str(shard_path)!r} does not match its sha256 in {name}.")
     return manifest

@@ -89,7 +89,7 @@ def deepspeed_world():
     """A one-rank gloo world for in-process DeepSpeed engines (DS_ACCELERATOR=cpu)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    from pipeline.train import setup_distributed
+    from pipeline.distributed import setup_distributed
 
     setup_distributed()  # what a plain `python -m pipeline.train` does: one rank on a free loopback port
     import deepspeed

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,38 +15,19 @@ from safetensors.torch import load_file
 
 from adn.checkpoint import load_trained, read_metadata
 from pipeline.data import make_loader
-from pipeline.data.shard import main as shard_main
 from pipeline.evaluate import evaluate
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..daemons import free_port
+from .conftest import train_env
+
 # Small and fast: 2 epochs of 44 steps at batch 32, 1 loader worker.
 FAST = ["--model", "resnet_mini", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--log-every", "5"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    assert shard_main(["digits", "--out", str(out), "--shard-size", "400"]) == 0
-    return out
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                            "MASTER_ADDR", "MLFLOW_TRACKING_URI")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
 def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300,
            ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or _env(),
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or train_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +86,7 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output", str(out),
            "--save-every-steps", "10", "--no-tracking"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -146,10 +125,10 @@ def test_two_ranks_over_loopback_hold_identical_weights_after_every_step(digits:
     out = tmp_path / "run"
     launcher = Path(sys.executable).parent / "deepspeed"
     done = subprocess.run(
-        [str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()), "--module", "pipeline.train",
+        [str(launcher), "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "pipeline.train",
          "--model", "resnet_mini", "--epochs", "1", "--batch-size", "16", "--workers", "1", "--max-steps", "6",
          "--data", str(digits), "--output", str(out), "--no-tracking", "--verify-replicas"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     hashes = [[json.loads(line) for line in (out / "replicas" / f"rank{r}.jsonl").read_text().splitlines()]
               for r in range(2)]

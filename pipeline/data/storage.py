@@ -1,0 +1,206 @@
+"""Where shards live and how they are streamed: a directory, ``http(s)://``, ``s3://`` or a ``pipe:CMD`` template.
+
+A *location* is the prefix under which a split's manifest (``train.json``) and its shards sit.
+WebDataset opens every shard: local paths as files, ``http(s)://`` through its ``curl`` pipe,
+``s3://`` as ``pipe:aws s3 cp URL -`` (the AWS CLI, so ``AWS_ENDPOINT_URL``, profiles and roles
+work), and ``pipe:CMD`` runs CMD with ``{}`` replaced by the file name. Shards are streamed, never
+copied to local disk. A shard that fails in transit is opened again with backoff and the samples
+already delivered are skipped, so a retry changes nothing downstream; one that keeps failing is an
+error naming its URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlparse
+
+from webdataset.gopen import gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3  # attempts after the first, with backoff 1, 2, 4 s (curl retries transient HTTP errors itself)
+MANIFEST_TIMEOUT_S = 120
+
+
+class ShardReadError(DataError):
+    """A shard could not be read after every retry; names its URL."""
+
+
+_TOOLS = {"http": ("curl", "WebDataset streams http(s) shards through curl"),
+          "s3": ("aws", "s3:// shards are streamed with the AWS CLI (`aws s3 cp URL -`)")}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A shard location: ``kind`` is local, http, s3 or pipe; ``prefix`` the directory, URL prefix or command."""
+
+    kind: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return self.prefix if self.kind != "pipe" else f"pipe:{self.prefix}"
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+    def absolute(self) -> str:
+        """The location as every node can use it: local directories made absolute, URLs as they are."""
+        return str(Path(self.prefix).resolve()) if self.is_local else str(self)
+
+    def path(self, name: str) -> Path:
+        """The local file ``name`` (local locations only)."""
+        return Path(self.prefix) / name
+
+    def url(self, name: str) -> str:
+        """What WebDataset opens to stream file ``name``."""
+        if self.kind == "local":
+            return str(self.path(name))
+        if self.kind == "http":
+            return f"{self.prefix}/{quote(name)}"
+        if self.kind == "s3":
+            return f"pipe:aws s3 cp --only-show-errors {shlex.quote(f'{self.prefix}/{name}')} -"
+        return "pipe:" + self.prefix.replace("{}", shlex.quote(name))
+
+    def display(self, name: str) -> str:
+        """The address of ``name`` as a user would type it (for messages)."""
+        if self.kind == "pipe":
+            return self.prefix.replace("{}", name)
+        return str(self.path(name)) if self.is_local else f"{self.prefix}/{name}"
+
+    def read(self, name: str) -> bytes:
+        """The whole (small) file ``name``, e.g. a manifest; raises FileNotFoundError with the tool's reason."""
+        if self.kind == "local":
+            return self.path(name).read_bytes()
+        if self.kind == "http":
+            cmd = ["curl", "-f", "-s", "-S", "-L", "--connect-timeout", "10", "--retry", "3", "--retry-delay", "1",
+                   "--max-time", str(MANIFEST_TIMEOUT_S), self.url(name)]
+            shell = False
+        else:
+            cmd, shell = self.url(name).removeprefix("pipe:"), True
+        try:
+            done = subprocess.run(cmd, shell=shell, capture_output=True, timeout=MANIFEST_TIMEOUT_S + 10)
+        except subprocess.TimeoutExpired as err:
+            raise FileNotFoundError(f"no answer within {MANIFEST_TIMEOUT_S} s") from err
+        if done.returncode != 0:
+            reason = done.stderr.decode(errors="replace").strip().splitlines()
+            raise FileNotFoundError(reason[-1] if reason else f"exit status {done.returncode}")
+        return done.stdout
+
+
+def parse_location(data: str | os.PathLike[str] | Location) -> Location:
+    """Classify ``--data``; checks that the tool that streams it (curl, aws) is installed."""
+    if isinstance(data, Location):
+        return data
+    text = os.fspath(data)
+    scheme = urlparse(text).scheme.lower() if "://" in text else ""
+    if text.startswith("pipe:"):
+        command = text[5:].strip()
+        if "{}" not in command:
+            raise DataError(f"the pipe location {text!r} has no '{{}}' where the file name goes "
+                            "(e.g. 'pipe:gsutil cat gs://bucket/shards/{}').")
+        location = Location("pipe", command)
+    elif scheme in ("http", "https"):
+        location = Location("http", text.rstrip("/"))
+    elif scheme == "s3":
+        location = Location("s3", text.rstrip("/"))
+    elif scheme in ("", "file"):
+        location = Location("local", text.removeprefix("file://") if scheme else text)
+    else:
+        raise DataError(f"--data {text!r}: unsupported scheme {scheme!r}; use a directory, http(s)://, s3:// "
+                        "or pipe:CMD with {} for the file name.")
+    tool = _TOOLS.get(location.kind)
+    if tool and shutil.which(tool[0]) is None:
+        raise DataError(f"{tool[1]}, but {tool[0]!r} is not on PATH; install it (apt-get install "
+                        f"{'curl' if tool[0] == 'curl' else 'awscli'}) to read {text!r}.")
+    return location
+
+
+# What curl's exit statuses mean (man curl, EXIT CODES), for messages a user can act on.
+_CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the server",
+              18: "the transfer ended early", 22: "the server answered with an HTTP error such as 404",
+              28: "the operation timed out", 35: "the TLS handshake failed",
+              52: "the server sent nothing", 56: "the connection failed while receiving data"}
+
+
+def _transport_failed(stream: Any) -> OSError | None:
+    """The error of a pipe (curl, aws, a user command) that exited badly, or None."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(timeout=5)  # at a short read its writer has closed: it is exiting now
+    except subprocess.TimeoutExpired:
+        return None  # still streaming: the bytes themselves are bad
+    if status in stream.ignore_status:
+        return None
+    program = proc.args.split()[0] if isinstance(proc.args, str) else proc.args[0]
+    reason = _CURL_EXIT.get(status, "") if program == "curl" else ""
+    return OSError(f"{program} exited with status {status}" + (f": {reason}" if reason else ""))
+
+
+def _read_shard(url: str, on_bad_member: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """WebDataset's tar expansion of one shard; transport errors are raised, damaged members handed on."""
+    stream = gopen(url)
+    complete = False
+
+    def handler(exn: Exception) -> bool:
+        failed = _transport_failed(stream)
+        if failed is not None:
+            raise failed from None
+        if isinstance(exn, OSError):
+            raise OSError(str(exn.args[0]) if exn.args else str(exn)) from None
+        return on_bad_member(exn)
+
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
+        complete = True
+    finally:
+        try:
+            stream.close()  # a pipe raises here when its command failed after the last byte
+        except OSError as err:
+            if complete:
+                raise (_transport_failed(stream) or err) from None
+
+
+def shard_samples(url: str, on_bad_member: Callable[[Exception], bool], retries: int = RETRIES,
+                  backoff_s: float = 1.0) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order, each exactly once, whatever the transport does on the way."""
+    delivered = 0
+    for attempt in range(retries + 1):
+        try:
+            for index, sample in enumerate(_read_shard(url, on_bad_member)):
+                if index >= delivered:
+                    delivered += 1
+                    yield sample
+            return
+        except OSError as err:
+            where = url.removeprefix("pipe:")
+            if attempt == retries:
+                raise ShardReadError(f"shard {where} could not be read ({attempt + 1} attempts, last: {err}); "
+                                     "check that it exists and the storage is reachable.") from None
+            log.warning("reading shard %s failed (%s); retrying in %.0f s", where, err, backoff_s * 2**attempt)
+            time.sleep(backoff_s * 2**attempt)
+
+
+def stream_samples(on_bad_member: Callable[[Exception], bool]) -> Callable[[Iterable[dict[str, str]]], Iterator]:
+    """A WebDataset pipeline stage: ``{"url": ...}`` items in, the samples of each shard out (with retries)."""
+
+    def stage(sources: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for source in sources:
+            yield from shard_samples(source["url"], on_bad_member)
+
+    return stage

@@ -1,0 +1,136 @@
+"""Shards over the network: http(s) through WebDataset's curl, pipe: commands, retries, and clear errors."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data import DataError, make_loader
+from pipeline.data.storage import Location, ShardReadError, parse_location, shard_samples
+
+from ..daemons import http_server, require
+from .conftest import train_env
+
+STEPS = ["--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "1",
+         "--no-tracking"]
+
+
+def _keys_and_pixels(location: str | Path, split: str, workers: int = 2) -> tuple[list[str], torch.Tensor]:
+    loader = make_loader(location, split, 32, "resnet_mini", rank=0, world_size=1, num_workers=workers)
+    loader.set_epoch(0)  # the same augmentation streams for every location
+    batches = list(loader)
+    return [k for b in batches for k in b.keys], torch.cat([b.images for b in batches])
+
+
+def test_location_kinds() -> None:
+    assert parse_location("/data/shards") == Location("local", "/data/shards")
+    assert parse_location("https://host/prefix/").url("train-000001.tar") == "https://host/prefix/train-000001.tar"
+    s3 = parse_location("s3://bucket/imagenet") if shutil.which("aws") else Location("s3", "s3://bucket/imagenet")
+    assert s3.url("val.json") == "pipe:aws s3 cp --only-show-errors s3://bucket/imagenet/val.json -"
+    assert parse_location("pipe:gsutil cat gs://b/x/{}").url("a b.tar") == "pipe:gsutil cat gs://b/x/'a b.tar'"
+    with pytest.raises(DataError, match="no '\\{\\}'"):
+        parse_location("pipe:cat /data/shards")
+    with pytest.raises(DataError, match="unsupported scheme 'ftp'"):
+        parse_location("ftp://host/shards")
+
+
+def test_http_and_pipe_stream_the_same_samples_as_the_directory(digits: Path) -> None:
+    require("curl")
+    local = {split: _keys_and_pixels(digits, split) for split in ("val", "train")}
+    with http_server(digits) as url:
+        for location in (url, f"pipe:cat {digits}/{{}}"):
+            for split, (keys, pixels) in local.items():
+                got_keys, got_pixels = _keys_and_pixels(location, split)
+                assert got_keys == keys, (location, split)
+                assert torch.equal(got_pixels, pixels)
+
+
+def test_training_from_http_shards_ends_with_the_same_weights(digits: Path, tmp_path: Path) -> None:
+    """Check 3: `python -m http.server --bind 127.0.0.1` serving the shards, against the same seeded local run."""
+    require("curl")
+    runs = {}
+    with http_server(digits) as url:
+        for name, data in (("local", str(digits)), ("http", url)):
+            runs[name] = tmp_path / name
+            done = subprocess.run([sys.executable, "-m", "pipeline.train", *STEPS, "--data", data, "--output",
+                                   str(runs[name])], env=train_env(), capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+    a, b = load_file(runs["local"] / "weights.safetensors"), load_file(runs["http"] / "weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_shard_that_answers_404_is_one_error_naming_it(digits: Path, tmp_path: Path) -> None:
+    require("curl")
+    served = tmp_path / "served"
+    shutil.copytree(digits, served)
+    (served / "val-000000.tar").unlink()  # listed in val.json, gone from the server
+    with http_server(served) as url:
+        done = subprocess.run([sys.executable, "-m", "pipeline.train", *STEPS, "--data", url, "--output",
+                               str(tmp_path / "run")], env=train_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: shard {url}/val-000000.tar could not be read (4 attempts"), last
+    assert "HTTP error such as 404" in last
+
+
+class _Flaky(http.server.SimpleHTTPRequestHandler):
+    """Serves files, but the first request of each shard is cut off after 3 KB, as a dropped connection."""
+
+    cut: set[str] = set()
+    lock = threading.Lock()
+
+    def copyfile(self, source, outputfile) -> None:  # noqa: ANN001 - the base class's signature
+        with self.lock:
+            first = self.path.endswith(".tar") and self.path not in self.cut
+            self.cut.add(self.path)
+        if first:
+            outputfile.write(source.read(3072))
+            outputfile.flush()
+            self.close_connection = True
+            return
+        super().copyfile(source, outputfile)
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+
+@pytest.fixture
+def flaky_server(digits: Path) -> Iterator[str]:
+    _Flaky.cut = set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Flaky, directory=str(digits)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_connection_dropped_mid_shard_is_retried_without_losing_or_repeating_samples(
+        digits: Path, flaky_server: str, caplog: pytest.LogCaptureFixture) -> None:
+    require("curl")
+    keys, pixels = _keys_and_pixels(digits, "val", workers=0)
+    got_keys, got_pixels = _keys_and_pixels(flaky_server, "val", workers=0)
+    assert got_keys == keys and torch.equal(got_pixels, pixels)
+    assert "retrying" in caplog.text and "curl exited with status 18" in caplog.text  # the transfer ended early
+
+
+def test_a_shard_that_keeps_failing_names_its_url(tmp_path: Path) -> None:
+    def never(_: Exception) -> bool:
+        raise AssertionError("no member was read")
+
+    with pytest.raises(ShardReadError, match=r"shard false /x.tar could not be read \(3 attempts, last: false exited"):
+        list(shard_samples("pipe:false /x.tar", never, retries=2, backoff_s=0.01))
