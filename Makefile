@@ -51,6 +51,7 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/dataloader.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/search_eval.py
+	$(PY) benchmarks/comms.py
 
 lint: install  ## ruff
 	$(PY) -m ruff check adn pipeline search tests benchmarks

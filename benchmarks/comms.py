@@ -53,7 +53,8 @@ def _measure(rank: int, args: argparse.Namespace, zero: int, mode: str) -> dict[
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
         config={"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
+                "zero_optimization": {"stage": zero, "overlap_comm": args.overlap_comm},
+                "zero_allow_untested_optimizer": True,
                 "steps_per_print": 2**31 - 1,
                 "comms_logger": {"enabled": True, "verbose": False, "prof_all": True, "debug": False}})
     step = TrainStep(model, mode, DistillationConfig())
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--overlap-comm", action="store_true", help="ZeRO's overlap_comm (reduce during backward)")
     args = parser.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -124,7 +126,8 @@ def main() -> None:
         results[(zero, mode)] = result
     grad_bytes = next(iter(results.values()))["grad_bytes"]
     print(f"{args.model} at {args.resolution}, batch {args.batch_size} per rank, world size 2 (gloo, CPU), "
-          f"{args.steps} steps after a warm-up; fp32 gradients of all parameters: {_mib(grad_bytes)}")
+          f"{args.steps} steps after a warm-up, overlap_comm {args.overlap_comm}; fp32 gradients of all parameters: "
+          f"{_mib(grad_bytes)}")
     print(f"{'ZeRO':>4} {'step':<8} {'calls':>6} {'MiB':>8} {'x grads':>8}  per step, DeepSpeed comms logger "
           "(calls x message) | torch profiler (c10d calls)")
     for zero in args.zero:

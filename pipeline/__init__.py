@@ -1,1 +1,1 @@
-"""Data, DeepSpeed training, checkpoints and MLflow tracking for ADN super-nets (built in later issues)."""
+"""Data (shards on disk or over the network), DeepSpeed training from one process to many nodes, checkpoints, MLflow."""

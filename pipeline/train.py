@@ -71,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--clip-grad", type=float, help="gradient-norm clipping (0: off)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of the weights")
     g = p.add_argument_group("engine")
-    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
+                   help="DeepSpeed ZeRO stage (0 and 1 reduce gradients once per ADN step; 2 and 3 after each of "
+                        "its two backward passes: benchmarks/comms.py)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 on GPU when the recipe asks for AMP, else fp32 (always fp32 on CPU)")
     g.add_argument("--deepspeed-config", help="JSON file merged over the generated DeepSpeed config")
@@ -171,6 +173,12 @@ def deepspeed_config(cfg: dict[str, Any], precision: str, extra: dict[str, Any] 
             ds[key] = {**ds[key], **value}
         else:
             ds[key] = value
+    zero = ds["zero_optimization"]
+    if cfg["mode"] == "adn" and zero.get("stage") == 1 and zero.get("overlap_comm"):
+        # Measured (README, "Communication of an ADN step"): ZeRO-1 then reduces in the hooks of the boundary
+        # backward only, so parameters the base-net does not use are never averaged across ranks.
+        raise ValueError("overlap_comm with ZeRO stage 1 would leave the gradients of the blocks only the super-net "
+                         "uses unaveraged across ranks in an ADN step; drop overlap_comm, or use ZeRO stage 2 with it.")
     return ds
 
 
@@ -247,6 +255,11 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                      config=deepspeed_config(cfg, precision, extra))
+        if cfg["mode"] == "adn" and cfg["zero_stage"] >= 2 and self.world > 1 and self.rank == 0:
+            log.warning("ZeRO-%d reduces the gradients after each backward, so an ADN step reduces twice (the "
+                        "super-net's, then the base-net's): about 1 + params(base)/params(super) times a vanilla "
+                        "step's bytes. ZeRO-1 reduces once per step and partitions the optimizer state too.",
+                        cfg["zero_stage"])
         self.ema = None
         if cfg["ema"]:
             from timm.utils import ModelEmaV3

@@ -78,6 +78,26 @@ def _accepts(port: int) -> bool:
         return False
 
 
+@contextmanager
+def s3_server() -> Iterator[dict[str, str]]:
+    """moto's S3-compatible server on 127.0.0.1; yields the environment boto3 and the AWS CLI need to use it."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "moto_server").is_file() or not (bin_dir / "aws").is_file():
+        pytest.skip("moto_server and the AWS CLI are not installed (pip install -e '.[dev]')")
+    port = free_port()
+    proc = subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts(port), 30, "moto_server")
+        yield {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    finally:
+        stop(proc)
+
+
 SLURM_CONF = """\
 ClusterName=adntest
 SlurmctldHost=localhost(127.0.0.1)

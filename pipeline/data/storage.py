@@ -2,8 +2,9 @@
 
 A *location* is the prefix under which a split's manifest (``train.json``) and its shards sit.
 WebDataset opens every shard: local paths as files, ``http(s)://`` through its ``curl`` pipe,
-``s3://`` as ``pipe:aws s3 cp URL -`` (the AWS CLI, so ``AWS_ENDPOINT_URL``, profiles and roles
-work), and ``pipe:CMD`` runs CMD with ``{}`` replaced by the file name. Shards are streamed, never
+``pipe:CMD`` runs CMD with ``{}`` replaced by the file name, and ``s3://`` streams each object's
+body with boto3 (an opener added to WebDataset's ``gopen`` table; credentials, profiles, roles and
+``AWS_ENDPOINT_URL`` for S3-compatible stores work as for the AWS CLI). Shards are streamed, never
 copied to local disk. A shard that fails in transit is opened again with backoff and the samples
 already delivered are skipped, so a retry changes nothing downstream; one that keeps failing is an
 error naming its URL.
@@ -11,6 +12,7 @@ error naming its URL.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shlex
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
-from webdataset.gopen import gopen
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .errors import DataError
@@ -38,8 +40,49 @@ class ShardReadError(DataError):
     """A shard could not be read after every retry; names its URL."""
 
 
-_TOOLS = {"http": ("curl", "WebDataset streams http(s) shards through curl"),
-          "s3": ("aws", "s3:// shards are streamed with the AWS CLI (`aws s3 cp URL -`)")}
+_CLIENTS: dict[int, Any] = {}
+
+
+def _s3_client() -> Any:
+    """One boto3 S3 client per process (clients are not fork-safe; DataLoader workers are forks)."""
+    if os.getpid() not in _CLIENTS:
+        import boto3
+
+        _CLIENTS[os.getpid()] = boto3.session.Session().client("s3")
+    return _CLIENTS[os.getpid()]
+
+
+class _S3Body:
+    """A readable S3 object body whose failures are OSErrors, as a pipe's or a file's are."""
+
+    def __init__(self, url: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._errors = (BotoCoreError, ClientError)
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        try:
+            self.body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        except self._errors as err:
+            raise OSError(f"S3 GET {url}: {err}") from None
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.body.read(size if size >= 0 else None)
+        except self._errors as err:
+            raise OSError(f"S3 read: {err}") from None
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def open_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> _S3Body:
+    """WebDataset opener for ``s3://bucket/key`` (reading only)."""
+    if mode[0] != "r":
+        raise ValueError(f"{url}: s3:// shards are read here; upload them with the AWS CLI (see the README).")
+    return _S3Body(url)
+
+
+gopen_schemes["s3"] = open_s3
 
 
 @dataclass(frozen=True)
@@ -68,10 +111,8 @@ class Location:
         """What WebDataset opens to stream file ``name``."""
         if self.kind == "local":
             return str(self.path(name))
-        if self.kind == "http":
+        if self.kind in ("http", "s3"):
             return f"{self.prefix}/{quote(name)}"
-        if self.kind == "s3":
-            return f"pipe:aws s3 cp --only-show-errors {shlex.quote(f'{self.prefix}/{name}')} -"
         return "pipe:" + self.prefix.replace("{}", shlex.quote(name))
 
     def display(self, name: str) -> str:
@@ -81,9 +122,15 @@ class Location:
         return str(self.path(name)) if self.is_local else f"{self.prefix}/{name}"
 
     def read(self, name: str) -> bytes:
-        """The whole (small) file ``name``, e.g. a manifest; raises FileNotFoundError with the tool's reason."""
+        """The whole (small) file ``name``, e.g. a manifest; raises OSError with the storage's reason."""
         if self.kind == "local":
             return self.path(name).read_bytes()
+        if self.kind == "s3":
+            body = open_s3(self.url(name))
+            try:
+                return body.read()
+            finally:
+                body.close()
         if self.kind == "http":
             cmd = ["curl", "-f", "-s", "-S", "-L", "--connect-timeout", "10", "--retry", "3", "--retry-delay", "1",
                    "--max-time", str(MANIFEST_TIMEOUT_S), self.url(name)]
@@ -101,7 +148,7 @@ class Location:
 
 
 def parse_location(data: str | os.PathLike[str] | Location) -> Location:
-    """Classify ``--data``; checks that the tool that streams it (curl, aws) is installed."""
+    """Classify ``--data``; checks that what streams it (curl, boto3) is installed."""
     if isinstance(data, Location):
         return data
     text = os.fspath(data)
@@ -121,10 +168,12 @@ def parse_location(data: str | os.PathLike[str] | Location) -> Location:
     else:
         raise DataError(f"--data {text!r}: unsupported scheme {scheme!r}; use a directory, http(s)://, s3:// "
                         "or pipe:CMD with {} for the file name.")
-    tool = _TOOLS.get(location.kind)
-    if tool and shutil.which(tool[0]) is None:
-        raise DataError(f"{tool[1]}, but {tool[0]!r} is not on PATH; install it (apt-get install "
-                        f"{'curl' if tool[0] == 'curl' else 'awscli'}) to read {text!r}.")
+    if location.kind == "http" and shutil.which("curl") is None:
+        raise DataError(f"WebDataset streams http(s) shards through curl, but 'curl' is not on PATH; install it "
+                        f"(apt-get install curl) to read {text!r}.")
+    if location.kind == "s3" and importlib.util.find_spec("boto3") is None:
+        raise DataError(f"s3:// shards are streamed with boto3, which is not installed; pip install "
+                        f"'adaptive-depth[s3]' (or boto3) to read {text!r}.")
     return location
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from pipeline.data import DataError, make_loader
 from pipeline.data.storage import Location, ShardReadError, parse_location, shard_samples
 
-from ..daemons import http_server, require
+from ..daemons import http_server, require, s3_server
 from .conftest import train_env
 
 STEPS = ["--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "1",
@@ -35,8 +35,7 @@ def _keys_and_pixels(location: str | Path, split: str, workers: int = 2) -> tupl
 def test_location_kinds() -> None:
     assert parse_location("/data/shards") == Location("local", "/data/shards")
     assert parse_location("https://host/prefix/").url("train-000001.tar") == "https://host/prefix/train-000001.tar"
-    s3 = parse_location("s3://bucket/imagenet") if shutil.which("aws") else Location("s3", "s3://bucket/imagenet")
-    assert s3.url("val.json") == "pipe:aws s3 cp --only-show-errors s3://bucket/imagenet/val.json -"
+    assert Location("s3", "s3://bucket/imagenet").url("val.json") == "s3://bucket/imagenet/val.json"
     assert parse_location("pipe:gsutil cat gs://b/x/{}").url("a b.tar") == "pipe:gsutil cat gs://b/x/'a b.tar'"
     with pytest.raises(DataError, match="no '\\{\\}'"):
         parse_location("pipe:cat /data/shards")
@@ -53,6 +52,25 @@ def test_http_and_pipe_stream_the_same_samples_as_the_directory(digits: Path) ->
                 got_keys, got_pixels = _keys_and_pixels(location, split)
                 assert got_keys == keys, (location, split)
                 assert torch.equal(got_pixels, pixels)
+
+
+def test_shards_uploaded_with_the_aws_cli_stream_from_an_s3_server(digits: Path, monkeypatch) -> None:
+    """The README's upload commands against moto's S3 server, then s3:// reads what the directory holds."""
+    local = {split: _keys_and_pixels(digits, split) for split in ("val", "train")}
+    with s3_server() as env:
+        run = partial(subprocess.run, env=env, check=True, capture_output=True, timeout=120)
+        run(["aws", "s3", "mb", "s3://adn-shards"])
+        run(["aws", "s3", "cp", "--recursive", "--only-show-errors", "--exclude", "*.json", "--exclude", ".*",
+             str(digits), "s3://adn-shards/digits/"])
+        run(["aws", "s3", "cp", "--recursive", "--only-show-errors", "--exclude", "*", "--include", "*.json",
+             str(digits), "s3://adn-shards/digits/"])
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(key, env[key])
+        for split, (keys, pixels) in local.items():
+            got_keys, got_pixels = _keys_and_pixels("s3://adn-shards/digits", split)
+            assert got_keys == keys and torch.equal(got_pixels, pixels), split
+        with pytest.raises(DataError, match="no manifest s3://adn-shards/other/val.json .*NoSuchKey"):
+            make_loader("s3://adn-shards/other", "val", 32, "resnet_mini")
 
 
 def test_training_from_http_shards_ends_with_the_same_weights(digits: Path, tmp_path: Path) -> None:

@@ -178,3 +178,15 @@ def test_tracking_outage_mid_run_is_dropped_with_a_warning(tmp_path: Path, caplo
     tracker.log_metrics({"loss_ce": 1.0}, step=1)  # must not raise
     assert len(calls) == 3 and tracker.dropped == 1
     assert "dropped (training goes on)" in caplog.text
+
+
+def test_zero1_overlap_comm_is_refused_for_adn() -> None:
+    """benchmarks/comms.py: with overlap_comm, ZeRO-1 reduces only what the boundary (base-net) backward touched."""
+    from pipeline.train import deepspeed_config
+
+    cfg = {"batch_size": 8, "clip_grad_norm": 0.0, "zero_stage": 1, "mode": "adn"}
+    with pytest.raises(ValueError, match="overlap_comm with ZeRO stage 1"):
+        deepspeed_config(cfg, "fp32", {"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config({**cfg, "mode": "vanilla"}, "fp32", {"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config({**cfg, "zero_stage": 2}, "fp32", {"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config(cfg, "fp32")["zero_optimization"] == {"stage": 1}
