@@ -27,9 +27,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH_SCRIPT = ROOT / "cluster" / "slurm" / "train.sbatch"
@@ -58,10 +58,8 @@ class TrainJob:
     args: list[str]
     model: str
     output: Path
-    data: str
     experiment: str
     tracking_uri: str | None
-    config: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
 def _replace_option(args: list[str], flag: str, value: str) -> list[str]:
@@ -101,8 +99,8 @@ def check_train_args(args: list[str]) -> TrainJob:
         read_manifest(cfg["data_dir"], split)
     args = _replace_option(_replace_option(args, "--output", cfg["output"]), "--data", cfg["data_dir"])
     uri = parsed.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return TrainJob(args, cfg["model"], Path(cfg["output"]), cfg["data_dir"], parsed.experiment,
-                    None if parsed.no_tracking else resolve_tracking_uri(uri), cfg)
+    return TrainJob(args, cfg["model"], Path(cfg["output"]), parsed.experiment,
+                    None if parsed.no_tracking else resolve_tracking_uri(uri))
 
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")
@@ -325,8 +323,11 @@ def _slurm_gpus() -> int:
         gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return 0
-    counts = [int(part.split("(")[0].rsplit(":", 1)[-1]) for entry in gres.split() for part in entry.split(",")
-              if part.startswith("gpu") and part.split("(")[0].rsplit(":", 1)[-1].isdigit()]
+    counts = []
+    for entry in gres.replace(",", " ").split():  # e.g. gpu:h100:8(S:0-1)
+        name = entry.split("(")[0]
+        if name.startswith("gpu") and name.rsplit(":", 1)[-1].isdigit():
+            counts.append(int(name.rsplit(":", 1)[-1]))
     return max(counts, default=0)
 
 
@@ -335,9 +336,10 @@ def run_slurm(job: TrainJob, nodes: int, procs_per_node: int | None, accelerator
     script = Path(opts.sbatch_script)
     if not script.is_file():
         raise LaunchError(f"the SLURM script {str(script)!r} does not exist.")
+    advertised = _slurm_gpus()
     if accelerator == "auto":
-        accelerator = "gpu" if _slurm_gpus() else "cpu"
-    procs_per_node = procs_per_node or ((_slurm_gpus() or 8) if accelerator == "gpu" else 1)
+        accelerator = "gpu" if advertised else "cpu"
+    procs_per_node = procs_per_node or ((advertised or 8) if accelerator == "gpu" else 1)
     logs = _log_dir(job)
     cmd = ["sbatch", "--parsable", f"--job-name=adn-{job.model}", f"--nodes={nodes}", "--ntasks-per-node=1",
            f"--output={logs}/slurm-%j.out"]
@@ -351,6 +353,10 @@ def run_slurm(job: TrainJob, nodes: int, procs_per_node: int | None, accelerator
     cmd += [*shlex.split(opts.sbatch_args or ""), str(script), *job.args]
     env = {**os.environ, "ADN_PYTHON": sys.executable, "ADN_PROCS_PER_NODE": str(procs_per_node),
            "ADN_LOG_DIR": str(logs)}
+    if opts.master_addr:
+        env["ADN_MASTER_ADDR"] = opts.master_addr
+    if opts.master_port:
+        env["ADN_MASTER_PORT"] = str(opts.master_port)
     if accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -387,8 +393,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m pipeline.launch",
         usage="%(prog)s [options] -- PIPELINE.TRAIN ARGS\n       %(prog)s node [options] -- PIPELINE.TRAIN ARGS",
         description="Train on N nodes with the DeepSpeed launcher: submit to SLURM, start over ssh (pdsh), or "
-                    "emulate the nodes on this machine. `make train-cluster` calls this.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "emulate the nodes on this machine. `make train-cluster` calls this.")
     p.add_argument("--launcher", choices=LAUNCHERS, default="auto",
                    help="auto: slurm when sbatch is on PATH, else ssh when --hostfile is given, else local")
     p.add_argument("--nodes", type=int, help="number of nodes (default: 2; ssh: every host of the hostfile)")
@@ -396,17 +401,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="ranks per node (default: slurm: the GPUs a node advertises; local: all GPUs / nodes, or 1 "
                         "on CPU; ssh: the hostfile's slots)")
     p.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="what the ranks run on (auto: local: this machine; slurm: whether its nodes have GPUs)")
+                   help="what the ranks run on (auto: local: this machine's GPUs; slurm: whether the partitions "
+                        "advertise GPUs; ssh: each host's own)")
     p.add_argument("--hostfile", help="ssh: DeepSpeed hostfile, 'HOST slots=GPUS' per line")
-    p.add_argument("--master-addr", help="address of node 0 (local: 127.0.0.1; ssh: DeepSpeed asks node 0)")
+    p.add_argument("--master-addr", help="address of node 0 (default: local: 127.0.0.1; ssh: DeepSpeed asks node 0 "
+                                         "with `hostname -I`; slurm: the first node's NodeAddr)")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free port, 29500 for ssh, "
                                                      "20000 + job id %% 20000 under SLURM)")
     g = p.add_argument_group("slurm")
-    g.add_argument("--partition")
-    g.add_argument("--account")
+    g.add_argument("--partition", help="sbatch --partition")
+    g.add_argument("--account", help="sbatch --account")
     g.add_argument("--time", help="time limit, e.g. 24:00:00")
     g.add_argument("--sbatch-args", help="more sbatch flags, quoted as one string")
-    g.add_argument("--sbatch-script", default=str(SBATCH_SCRIPT), help="the batch script to submit")
+    g.add_argument("--sbatch-script", default=str(SBATCH_SCRIPT),
+                   help="the batch script to submit (default: cluster/slurm/train.sbatch)")
     g.add_argument("--wait", action="store_true", help="wait for the job to end (sbatch --wait)")
     return p.parse_args(argv)
 
@@ -479,10 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         job = check_train_args(train_args)
         if launcher == "slurm":
             return run_slurm(job, nodes, opts.gpus_per_node, opts.accelerator, opts)
-        accelerator = _accelerator(opts.accelerator)
-        if launcher == "ssh":
-            return run_ssh(job, opts.hostfile, nodes, opts.gpus_per_node, accelerator, opts.master_addr,
+        if launcher == "ssh":  # the hosts' own GPUs decide, unless ACCELERATOR=cpu
+            return run_ssh(job, opts.hostfile, nodes, opts.gpus_per_node, opts.accelerator, opts.master_addr,
                            opts.master_port)
+        accelerator = _accelerator(opts.accelerator)
         if accelerator == "gpu":
             import torch
 
