@@ -38,7 +38,7 @@ CLUSTER_FLAGS = $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NODES),--nodes $
 	$(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
 	$(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(TIME),--time $(TIME)) \
-	$(if $(WAIT),--wait)
+	$(if $(SBATCH_ARGS),--sbatch-args "$(SBATCH_ARGS)") $(if $(WAIT),--wait)
 
 train-cluster: install  ## train MODEL on NODES nodes from DATA (dir or URL): LAUNCHER=slurm|ssh|local GPUS_PER_NODE HOSTFILE ARGS
 	$(PY) -m pipeline.launch $(CLUSTER_FLAGS) -- --model $(MODEL) --data $(DATA) $(ARGS)

@@ -184,7 +184,7 @@ def setup_distributed(use_cuda: bool = False, rendezvous_timeout_s: float = REND
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_size = int(os.environ.get("LOCAL_SIZE", world))
+        local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)  # DS, torchrun
         multi_node = int(os.environ.get("CROSS_SIZE", 1)) > 1 or world > local_size
         iface = prepare_network(os.environ["MASTER_ADDR"], multi_node)
         if iface and rank == 0:

@@ -139,9 +139,23 @@ def _netns(name: str) -> None:
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
 
 
-def test_two_hosts_in_network_namespaces_find_the_interface_gloo_needs(digits: Path, tmp_path: Path) -> None:
-    """Two "hosts" whose host name resolves to 127.0.0.1 (as here): gloo would bind loopback and node 1's
-    connections would be refused. The rank picks the veth that reaches MASTER_ADDR; naming `lo` fails fast."""
+# Each "host" joins the job as every rank does (pipeline.distributed), then all-reduces its rank + 1.
+_JOIN = """
+import sys, torch
+from pipeline.distributed import prepare_network, rendezvous
+rank, master, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+iface = prepare_network(master, multi_node=True)
+rendezvous("gloo", rank, 2, master, port, timeout_s=60)
+total = torch.tensor([rank + 1.0])
+torch.distributed.all_reduce(total)
+print(iface, total.item())
+"""
+
+
+def test_two_hosts_in_network_namespaces_find_the_interface_gloo_needs(tmp_path: Path) -> None:
+    """Two "hosts" whose host name resolves to 127.0.0.1 (as here), so gloo would bind loopback and the
+    other host's connections would be refused. Each picks the veth that reaches MASTER_ADDR instead;
+    a user who names `lo` gets one sentence at once from the per-node command."""
     require("ip")
     tag = f"adn{os.getpid() % 100000}"
     names = [f"{tag}a", f"{tag}b"]
@@ -157,33 +171,28 @@ def test_two_hosts_in_network_namespaces_find_the_interface_gloo_needs(digits: P
         for ns, end, ip in ((names[0], f"{tag}0", "10.213.7.1/24"), (names[1], f"{tag}1", "10.213.7.2/24")):
             subprocess.run(["ip", "-n", ns, "addr", "add", ip, "dev", end], check=True)
             subprocess.run(["ip", "-n", ns, "link", "set", end, "up"], check=True)
+        port = free_port()
+        env = {k: v for k, v in train_env().items() if not k.endswith("SOCKET_IFNAME")}
+        for rank, ns in enumerate(names):
+            procs.append(subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _JOIN, str(rank),
+                                           "10.213.7.1", str(port)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, start_new_session=True))
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        assert [out.split() for out, _ in outputs] == [[f"{tag}0", "3.0"], [f"{tag}1", "3.0"]]
+
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("hosta slots=1\nhostb slots=1\n")
-        out, port = tmp_path / "run", free_port()
-        train = ["--model", "resnet_mini", "--data", str(digits), *STEPS, "--output", str(out), "--no-tracking",
-                 "--verify-replicas", "--rendezvous-timeout", "60"]
-        for k, ns in enumerate(names):
-            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "pipeline.launch", "node", "--node-rank", str(k),
-                   "--hostfile", str(hostfile), "--master-addr", "10.213.7.1", "--master-port", str(port), "--",
-                   *train]
-            procs.append(subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True))
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-        hashes = _replicas(out, 2)
-        assert hashes[0] == hashes[1] and len(hashes[0]) == 6
-
-        # A user who pins gloo to loopback on a multi-host job gets one sentence at once, not a hang.
-        cmd = ["ip", "netns", "exec", names[1], sys.executable, "-m", "pipeline.launch", "node", "--node-rank", "1",
-               "--hostfile", str(hostfile), "--master-addr", "10.213.7.1", "--master-port", str(free_port()), "--",
-               *train[:-2], "--output", str(tmp_path / "lo")]
         started = time.monotonic()
-        done = subprocess.run(cmd, env=train_env(GLOO_SOCKET_IFNAME="lo"), capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode != 0 and time.monotonic() - started < 60
-        assert "error: GLOO_SOCKET_IFNAME=lo is a loopback interface" in done.stdout + done.stderr
-        assert f"reaches 10.213.7.1 ({tag}1)" in done.stdout + done.stderr
+        done = subprocess.run(["ip", "netns", "exec", names[1], sys.executable, "-m", "pipeline.launch", "node",
+                               "--node-rank", "1", "--hostfile", str(hostfile), "--master-addr", "10.213.7.1",
+                               "--master-port", str(port), "--", "--model", "resnet_mini", "--data", "unused"],
+                              env={**env, "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and time.monotonic() - started < 30
         assert "Traceback" not in done.stdout + done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: GLOO_SOCKET_IFNAME=lo is a loopback interface, but MASTER_ADDR 10.213.7.1 is another host; "
+            f"set it to the interface that reaches 10.213.7.1 ({tag}1).")
     finally:
         for p in procs:
             stop(p, group=True)
