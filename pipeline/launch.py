@@ -203,6 +203,10 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             time.sleep(0.1)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _status(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
@@ -238,6 +242,9 @@ def run_local(job: TrainJob, nodes: int, procs_per_node: int, accelerator: str, 
                            for k in range(nodes))
     port = master_port or free_port()
     procs, pumps, record = [], [], []
+    # The nodes run in sessions of their own (so each can be stopped as a group): a SIGTERM to this
+    # launcher must stop them too, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     print(f"local launcher: {nodes} nodes x {procs_per_node} {accelerator.upper()} ranks, master "
           f"{master_addr}:{port}, hostfile {hostfile}", flush=True)
     try:
@@ -258,9 +265,11 @@ def run_local(job: TrainJob, nodes: int, procs_per_node: int, accelerator: str, 
                                                      "nodes": record}, indent=1))
         while all(p.poll() in (None, 0) for p in procs) and any(p.poll() is None for p in procs):
             time.sleep(0.2)
-    except KeyboardInterrupt:
+    except BaseException:
         _stop(procs)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     failed = [(k, p.returncode) for k, p in enumerate(procs) if p.poll() not in (None, 0)]
     _stop(procs)
     for pump in pumps:
@@ -501,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ValueError, RuntimeError) as err:  # DataError is a ValueError, ClusterError a RuntimeError
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the nodes this launcher started were stopped (continue with --resume).",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train an ADN super-net with DeepSpeed: ``python -m pipeline.train --model resnet50 --data DIR``.
 
 The same command runs as one plain process, under ``deepspeed`` on one node, or on many nodes
-with a hostfile (``deepspeed --hostfile H -m pipeline.train ...``). Every step is the two-pass
+through ``pipeline.launch`` (``make train-cluster``: SLURM, ssh or emulated nodes). Every step is the two-pass
 self-distillation of ``pipeline.step`` (or a one-pass baseline with ``--mode``). After each
 epoch the super-net and base-net (every mask with ``--eval-all-masks``) are evaluated on the
 validation shards; a DeepSpeed checkpoint and a portable ``weights.safetensors`` are written,

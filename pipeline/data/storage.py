@@ -140,10 +140,10 @@ class Location:
         try:
             done = subprocess.run(cmd, shell=shell, capture_output=True, timeout=MANIFEST_TIMEOUT_S + 10)
         except subprocess.TimeoutExpired as err:
-            raise FileNotFoundError(f"no answer within {MANIFEST_TIMEOUT_S} s") from err
+            raise OSError(f"no answer within {MANIFEST_TIMEOUT_S} s") from err
         if done.returncode != 0:
             reason = done.stderr.decode(errors="replace").strip().splitlines()
-            raise FileNotFoundError(reason[-1] if reason else f"exit status {done.returncode}")
+            raise OSError(reason[-1] if reason else f"exit status {done.returncode}")
         return done.stdout
 
 
@@ -185,7 +185,7 @@ _CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the serv
 
 
 def _transport_failed(stream: Any) -> OSError | None:
-    """The error of a pipe (curl, aws, a user command) that exited badly, or None."""
+    """The error of a pipe (curl, a user's command) that exited badly, or None."""
     proc = getattr(stream, "proc", None)
     if proc is None:
         return None
