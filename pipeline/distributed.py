@@ -20,11 +20,11 @@ import socket
 import time
 from datetime import timedelta
 
-import torch
-
 log = logging.getLogger(__name__)
 
 RENDEZVOUS_TIMEOUT_S = 600.0
+# torch and DeepSpeed are imported where the process group is made: the per-node launcher checks the
+# network with this module before any rank starts, without paying for them.
 
 
 class ClusterError(RuntimeError):
@@ -140,6 +140,7 @@ def rendezvous(backend: str, rank: int, world_size: int, master_addr: str, maste
     Other ranks first poll the master's port themselves: torch's own client would log a C++
     stack for every failed try before giving up.
     """
+    import torch
     from deepspeed.constants import default_pg_timeout
 
     master_ip = _resolve(master_addr)
@@ -174,6 +175,8 @@ def setup_distributed(use_cuda: bool = False, rendezvous_timeout_s: float = REND
     Returns (rank, world size, local rank). Launchers (deepspeed, SLURM, the local emulation) set
     the env:// variables; a plain process gets a one-rank group on a free loopback port.
     """
+    import torch
+
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
