@@ -30,6 +30,7 @@ import torch
 from adn.checkpoint import load_trained, read_metadata, resolve_weights
 from adn.complexity import count_flops, count_params
 from pipeline.data import DataError, make_loader, read_manifest
+from pipeline.data.storage import parse_location
 from pipeline.tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
 from .latency import TableError, check_table_for, predict, resolve
@@ -216,8 +217,9 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  **({} if ray_address else {"num_cpus": os.cpu_count() or 1}))
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, weights=str(Path(weights).resolve()), data=str(Path(data).resolve()), split=split,
-                             batch_size=batch_size, max_samples=max_samples, table=table, num_bits=num_bits),
+        tune.with_parameters(_trial, weights=str(Path(weights).resolve()), data=parse_location(data).absolute(),
+                             split=split, batch_size=batch_size, max_samples=max_samples, table=table,
+                             num_bits=num_bits),
         {"cpu": 1, "gpu": gpus})
     progress = _Progress(budget)
     # The budget counts distinct masks: a sampler proposing a mask again costs a cached lookup, not a trial.

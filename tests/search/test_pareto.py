@@ -101,6 +101,20 @@ def test_reported_accuracy_equals_one_by_one_evaluation(cpu_search: dict, traine
         assert c["acc5"] == reference[c["mask"]].acc5, c["mask"]
 
 
+def test_search_streams_validation_shards_over_http(cpu_search: dict, trained: Path, work: Path) -> None:
+    """`--data http://...` (python -m http.server on 127.0.0.1): the same candidates as from the directory."""
+    from ..daemons import http_server, require
+
+    require("curl")
+    with http_server(work / "digits") as url:
+        done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", trained.name, "--data", url,
+                    "--out", "p-http", "--no-tracking")
+    assert done.returncode == 0, done.stderr[-3000:]
+    over_http = json.loads((work / "p-http" / "pareto.json").read_text())
+    assert {c["mask"]: c["acc1"] for c in over_http["candidates"]} == {c["mask"]: c["acc1"]
+                                                                       for c in cpu_search["candidates"]}
+
+
 def test_shared_prefix_evaluation_gives_identical_logits_and_runs_fewer_segments(trained: Path, work: Path) -> None:
     model, meta = load_trained(trained)
     batches = load_batches(str(work / "digits"), "val", {"data": meta["recipe"]["data"]}, 120, 240)
