@@ -15,20 +15,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from collections import Counter
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
+from pipeline.distributed import free_port
+
 MODES = ("vanilla", "adn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _profiled_collectives(prof: Any) -> Counter:
@@ -119,7 +114,7 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.spawn(_worker, args=(2, _free_port(), args, queue), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), args, queue), nprocs=2, join=True)
     results = {}
     while not queue.empty():
         zero, mode, result = queue.get()

@@ -31,6 +31,13 @@ class ClusterError(RuntimeError):
     """The job cannot form its process group; the message says what to fix."""
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a rendezvous on this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
@@ -178,10 +185,8 @@ def setup_distributed(use_cuda: bool = False, rendezvous_timeout_s: float = REND
     import torch
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     import deepspeed
 
     backend = "nccl" if use_cuda else "gloo"

@@ -136,12 +136,6 @@ def write_hostfile(path: Path, hosts: list[str], slots: int) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def node_command(node_rank: int, hostfile: Path, master_addr: str, master_port: int, train_args: list[str],
                  include: str | None = None) -> list[str]:
     """The DeepSpeed launcher for one node: this node's ranks of ``pipeline.train``, no ssh."""
@@ -240,6 +234,8 @@ def run_local(job: TrainJob, nodes: int, procs_per_node: int, accelerator: str, 
         hostfile = write_hostfile(logs / "hostfile.local", [f"node{k}" for k in range(nodes)], have)
         include = "@".join(f"node{k}:" + ",".join(str(k * procs_per_node + g) for g in range(procs_per_node))
                            for k in range(nodes))
+    from .distributed import free_port
+
     port = master_port or free_port()
     procs, pumps, record = [], [], []
     # The nodes run in sessions of their own (so each can be stopped as a group): a SIGTERM to this
