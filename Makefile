@@ -7,10 +7,11 @@ MODEL  ?= resnet_mini
 DATA   ?= data/digits
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo train train-cluster system-deps bench lint clean
+.PHONY: help install test demo train train-cluster system-deps bench lint clean \
+	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-19s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the project with the tested pins (constraints.txt)
 
@@ -43,7 +44,32 @@ CLUSTER_FLAGS = $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NODES),--nodes $
 train-cluster: install  ## train MODEL on NODES nodes from DATA (dir or URL): LAUNCHER=slurm|ssh|local GPUS_PER_NODE HOSTFILE ARGS
 	$(PY) -m pipeline.launch $(CLUSTER_FLAGS) -- --model $(MODEL) --data $(DATA) $(ARGS)
 
-system-deps:  ## Debian packages for the cluster layer and its tests (slurm-wlm, munge, curl, pdsh, iproute2); root
+# The team's services; PIDs, logs and the local PostgreSQL live in $(CLUSTER_STATE) (default .cluster/).
+MLFLOW_FLAGS = $(if $(MLFLOW_HOST),--host $(MLFLOW_HOST)) $(if $(MLFLOW_PORT),--port $(MLFLOW_PORT)) \
+	$(if $(MLFLOW_DB),--db '$(MLFLOW_DB)') $(if $(MLFLOW_ARTIFACTS),--artifacts $(MLFLOW_ARTIFACTS)) \
+	$(if $(MLFLOW_AUTH),--auth) $(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
+RAY_FLAGS = $(if $(RAY_NODE_IP),--node-ip $(RAY_NODE_IP)) $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS)) \
+	$(if $(RAY_GPUS),--num-gpus $(RAY_GPUS)) $(if $(RAY_TEMP_DIR),--temp-dir $(RAY_TEMP_DIR))
+
+mlflow-server: install  ## MLflow server on PostgreSQL: MLFLOW_PORT=5000 MLFLOW_HOST=127.0.0.1 MLFLOW_DB MLFLOW_ARTIFACTS MLFLOW_AUTH=1
+	$(PY) -m cluster.mlflow_server start $(MLFLOW_FLAGS)
+
+mlflow-server-stop: install  ## stop the MLflow server and the local PostgreSQL that mlflow-server started
+	$(PY) -m cluster.mlflow_server stop
+
+ray-head: install  ## Ray head node for the search, token auth on: RAY_PORT=6379 RAY_NODE_IP RAY_CPUS RAY_GPUS
+	$(PY) -m cluster.ray_node head $(if $(RAY_PORT),--port $(RAY_PORT)) $(RAY_FLAGS)
+
+ray-head-stop: install  ## stop the Ray head that ray-head started (by PID; not `ray stop`)
+	$(PY) -m cluster.ray_node stop head
+
+ray-worker: install  ## join this host to a Ray head: HEAD=HOST:PORT (token: RAY_AUTH_TOKEN_PATH or the state dir)
+	$(PY) -m cluster.ray_node worker --head '$(HEAD)' $(RAY_FLAGS)
+
+ray-worker-stop: install  ## stop the Ray worker that ray-worker started (by PID)
+	$(PY) -m cluster.ray_node stop worker
+
+system-deps:  ## Debian packages for the cluster layer and its tests (SLURM, PostgreSQL, Chromium, ...); root
 	bash cluster/system-deps.sh
 
 bench: install  ## performance measurements that print ratios (benchmarks/)
@@ -54,7 +80,7 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/comms.py
 
 lint: install  ## ruff
-	$(PY) -m ruff check adn pipeline search tests benchmarks
+	$(PY) -m ruff check adn pipeline search cluster tests benchmarks
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

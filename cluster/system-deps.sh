@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages that the cluster layer and its tests use: SLURM (slurmctld, slurmd, sbatch),
 # munge (SLURM's authentication), curl (WebDataset streams http shards with it), pdsh
-# (DeepSpeed's ssh launcher) and iproute2 (network namespaces in the tests). Root only; CI runs it.
+# (DeepSpeed's ssh launcher), iproute2 (network namespaces in the tests), PostgreSQL (the MLflow
+# server's database) and Chromium (the tests look at the MLflow UI in it, headless). Root only; CI runs it.
 set -euo pipefail
-packages=(slurm-wlm munge curl pdsh iproute2)
+packages=(slurm-wlm munge curl pdsh iproute2 postgresql chromium)
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "system-deps: needs root and apt-get; install ${packages[*]} yourself (the cluster tests skip without them)."
     exit 0

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--log-every", type=int, default=20, help="log training metrics every N steps")
     g.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     g.add_argument("--experiment", default="adn-train", help="MLflow experiment name")
-    g.add_argument("--run-name", help="MLflow run name (default: the output directory's name)")
+    g.add_argument("--run-name", help="MLflow run name (default: MODEL-MODE-NODESxRANKS, e.g. vit_b16-adn-8x8)")
     g.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     g.add_argument("--verify-replicas", action="store_true",
                    help="after every step, hash each rank's weights into OUTPUT/replicas/rank<R>.jsonl and stop "
@@ -266,6 +266,7 @@ class Trainer:
 
             self.ema = ModelEmaV3(self.model, decay=cfg["ema_decay"], use_warmup=True)
         self.tracker: Tracker | None = None
+        self.step_time, self.steps_run = 0.0, 0  # the loop's own time (steps and their logging), this process
         self.history: dict[str, dict[str, Accuracy]] = {}
 
     # -- state ---------------------------------------------------------------------------------
@@ -321,9 +322,13 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             print(yaml.safe_dump({"resolved config": cfg}, sort_keys=False), flush=True)
-        self.tracker = Tracker(self.args.tracking_uri, self.args.experiment,
-                               self.args.run_name or self.output.name, enabled=rank0 and not self.args.no_tracking,
-                               run_id=client.get("mlflow_run_id"))
+        layout = f"{cfg['nodes']}x{cfg['world_size'] // cfg['nodes']}"  # nodes x ranks per node
+        run_name = self.args.run_name or f"{cfg['model']}-{cfg['mode']}-{layout}"
+        self.tracker = Tracker(self.args.tracking_uri, self.args.experiment, run_name,
+                               enabled=rank0 and not self.args.no_tracking, run_id=client.get("mlflow_run_id"),
+                               tags={"adn.model": cfg["model"], "adn.mode": cfg["mode"], "adn.output": str(self.output),
+                                     "mlflow.note.content": f"{cfg['model']} ({cfg['mode']}) trained on "
+                                                            f"{cfg['world_size']} ranks, output {self.output}"})
         if rank0 and self.tracker.enabled:
             if not client:
                 import deepspeed
@@ -371,6 +376,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         step = epoch * self.steps_per_epoch + start
         for _, batch in zip(range(start, stop), batches, strict=False):
+            step_start = time.perf_counter()
             losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
@@ -389,6 +395,8 @@ class Trainer:
                 bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3g}",
                                 img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
+            self.step_time += time.perf_counter() - step_start
+            self.steps_run += 1
             bar.update(1)
             if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
                 self.save(epoch_done=False)
@@ -435,12 +443,17 @@ class Trainer:
                      "acc5": last[str(c.mask)].acc5 if str(c.mask) in last else None,
                      "gflops": c.gflops, "params_m": c.params_m} for c in costs]
             summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
-                       "resolution": resolution, "masks": rows}
+                       "resolution": resolution, "masks": rows,
+                       "timing": {"steps_run": self.steps_run, "step_s": self.step_time,
+                                  "steps_per_s": self.steps_run / self.step_time if self.step_time else None}}
             (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
             for name in ("summary.json", WEIGHTS_NAME, "weights_ema.safetensors"):
                 if (self.output / name).is_file():
                     self.tracker.log_artifact(self.output / name)
             self.tracker.finish()
+            if self.tracker.dropped:
+                print(f"MLflow: {self.tracker.dropped} values or calls could not be sent (the warnings above say "
+                      "which); the files in the output directory are complete.")
             print(f"\n{'mask':<10}{'top-1':>8}{'top-5':>8}{'GFLOPs':>10}{'params M':>10}")
             for r in rows:
                 acc1 = f"{r['acc1']:.2%}" if r["acc1"] is not None else "-"
@@ -451,8 +464,7 @@ class Trainer:
             print("top-1: " + ", ".join(f"{names[m]} {m} {last[m].acc1:.2%}" for m in trained))
             print(f"weights: {self.output / WEIGHTS_NAME}")
             if self.tracker.enabled:
-                print(f"MLflow run {self.tracker.run_id} in {self.tracker.uri} "
-                      f"(mlflow ui --backend-store-uri {self.tracker.uri})")
+                print(f"MLflow run {self.tracker.run_id}: {self.tracker.where()}")
         return last
 
 

@@ -31,7 +31,7 @@ from adn.checkpoint import load_trained, read_metadata, resolve_weights
 from adn.complexity import count_flops, count_params
 from pipeline.data import DataError, make_loader, read_manifest
 from pipeline.data.storage import parse_location
-from pipeline.tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
+from pipeline.tracking import UI_MODEL_TRAINING, Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
 from .latency import TableError, check_table_for, predict, resolve
 from .parts import skeleton
@@ -49,6 +49,7 @@ class Candidate:
     gflops: float
     params_m: float
     acc5: float = 0.0
+    node: str = ""  # the Ray node that evaluated it
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
@@ -80,13 +81,23 @@ def best_within(front: list[Candidate], max_latency_ms: float) -> Candidate | No
 
 # -- inputs ---------------------------------------------------------------------------------------
 
+def training_experiment(run_id: str, tracking_uri: str | None) -> str:
+    """The experiment of the training run, so a search sits beside the run it searched."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
 def resolve_checkpoint(checkpoint: str | None, mlflow_run: str | None, tracking_uri: str | None) -> Path:
     """The weights file of ``--checkpoint`` (file or training directory) or of an MLflow run's artifacts."""
     if checkpoint:
         return resolve_weights(checkpoint)
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
     try:
         local = client.download_artifacts(mlflow_run, "weights.safetensors")
     except Exception as err:  # MLflow raises its own exception types for a missing run or artifact
@@ -114,21 +125,37 @@ def load_batches(data: str, split: str, recipe: dict[str, Any], batch_size: int,
 _EVALUATORS: dict[tuple, Any] = {}
 
 
-def _evaluator(weights: str, data: str, split: str, batch_size: int, max_samples: int | None, device: str) -> Any:
+def _local_weights(blob: bytes) -> Path:
+    """The weights the driver shipped through Ray's object store, as a file on this node (once per content)."""
+    import hashlib
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"adn-weights-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)
+    return path
+
+
+def _evaluator(weights: bytes, data: str, split: str, batch_size: int, max_samples: int | None, device: str) -> Any:
     """One evaluator per worker process and input: trials in a reused Ray worker share its caches."""
     from .accuracy import MaskEvaluator
 
-    key = (weights, data, split, batch_size, max_samples, device)
+    key = (len(weights), hash(weights), data, split, batch_size, max_samples, device)
     if key not in _EVALUATORS:
-        model, meta = load_trained(weights, map_location=device)
+        model, meta = load_trained(_local_weights(weights), map_location=device)
         batches = load_batches(data, split, {"data": meta["recipe"]["data"]}, batch_size, max_samples)
         batches = [(x.to(device), y.to(device)) for x, y in batches]
         _EVALUATORS[key] = MaskEvaluator(model, batches)
     return _EVALUATORS[key]
 
 
-def _trial(config: dict[str, Any], weights: str, data: str, split: str, batch_size: int,
+def _trial(config: dict[str, Any], weights: bytes, data: str, split: str, batch_size: int,
            max_samples: int | None, table: dict[str, Any], num_bits: int) -> None:
+    import socket
+
+    import ray
     from ray import tune
 
     mask = "".join("T" if config[f"b{i}"] else "F" for i in range(num_bits))
@@ -136,7 +163,8 @@ def _trial(config: dict[str, Any], weights: str, data: str, split: str, batch_si
     start = time.perf_counter()
     acc = _evaluator(weights, data, split, batch_size, max_samples, device).evaluate([mask])[mask]
     tune.report({"acc1": acc.acc1, "acc5": acc.acc5, "latency_ms": predict(table, mask), "mask": mask,
-                 "eval_s": time.perf_counter() - start})
+                 "eval_s": time.perf_counter() - start, "node": ray.util.get_node_ip_address(),
+                 "host": socket.gethostname(), "device": device})
 
 
 # -- the search -----------------------------------------------------------------------------------
@@ -189,6 +217,37 @@ class _Progress:
         self.callback, self.bar = _Callback(), bar
 
 
+def probe_ray(address: str) -> None:
+    """One sentence at once when nothing listens at ``--ray-address`` (before any table is measured)."""
+    from cluster.ray_node import parse_head
+    from cluster.state import ServiceError, accepts
+
+    if address == "auto":
+        return
+    try:
+        host, port = parse_head(address)
+    except ServiceError as err:
+        raise ValueError(f"--ray-address {address!r} is not HOST:PORT or auto.") from err
+    if not accepts(host, port, timeout=5):
+        raise ValueError(f"no Ray cluster answers at {address}; start one (make ray-head) or fix --ray-address.")
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (with the token of ``make ray-head``), or start a local Ray."""
+    import ray
+
+    if not address:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=os.cpu_count() or 1)
+        return
+    probe_ray(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot join the Ray cluster at {address} ({reason.rstrip('.')}); start one "
+                         "(make ray-head) or check its token (RAY_AUTH_TOKEN_PATH).") from err
+
+
 def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, sampler: str, budget: int,
                *, batch_size: int = 64, max_samples: int | None = None, ray_address: str | None = None,
                seed: int = 0, out: Path, split: str = "val") -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -210,14 +269,19 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
     searcher = OptunaSearch(metric=["acc1", "latency_ms"], mode=["max", "min"], sampler=optuna_sampler,
                             points_to_evaluate=None if sampler == "grid" else _seeds(num_bits),
                             seed=seed)
-    gpus = 1 if torch.cuda.is_available() else 0
-    concurrency = max(1, min(2, os.cpu_count() or 1)) if not gpus else max(1, torch.cuda.device_count())
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if ray_address else {"num_cpus": os.cpu_count() or 1}))
+        connect_ray(ray_address)
+    resources = ray.cluster_resources()
+    gpus = 1 if resources.get("GPU", 0) >= 1 else 0  # one GPU per trial where the nodes have GPUs
+    if gpus:
+        concurrency = int(resources["GPU"])
+    elif ray_address:
+        concurrency = max(1, int(resources.get("CPU", 1)))  # one CPU per trial over the whole cluster
+    else:
+        concurrency = max(1, min(2, os.cpu_count() or 1))
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, weights=str(Path(weights).resolve()), data=parse_location(data).absolute(),
+        tune.with_parameters(_trial, weights=Path(weights).read_bytes(), data=parse_location(data).absolute(),
                              split=split, batch_size=batch_size, max_samples=max_samples, table=table,
                              num_bits=num_bits),
         {"cpu": 1, "gpu": gpus})
@@ -248,8 +312,12 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
     # Trials still pending when the distinct budget was reached end without a result.
     results = [r.metrics for r in grid if r.metrics and "acc1" in r.metrics]
     eval_s = sum(r["eval_s"] for r in results)
-    timing = {"wall_s": wall, "trials": len(results), "eval_s": eval_s,
-              "ray_overhead_s_per_trial": max(wall * concurrency - eval_s, 0.0) / max(len(results), 1)}
+    nodes: dict[str, int] = {}
+    for r in results:
+        nodes[r["node"]] = nodes.get(r["node"], 0) + 1
+    timing = {"wall_s": wall, "trials": len(results), "eval_s": eval_s, "concurrency": concurrency,
+              "ray_overhead_s_per_trial": max(wall * concurrency - eval_s, 0.0) / max(len(results), 1),
+              "trials_per_node": nodes}
     return results, timing
 
 
@@ -282,26 +350,63 @@ def plot(candidates: list[Candidate], front: list[Candidate], path: Path, title:
     plt.close(fig)
 
 
-def log_to_mlflow(tracker: Tracker, inputs: dict[str, Any], candidates: list[Candidate], target: str,
-                  out: Path) -> None:
-    """Parent run (inputs, artifacts) and one child run per candidate, linked by ``mlflow.parentRunId``."""
+def log_to_mlflow(tracker: Tracker, inputs: dict[str, Any], candidates: list[Candidate], front: list[Candidate],
+                  target: str, out: Path) -> str | None:
+    """Parent run (inputs, artifacts) and one child run per candidate, linked by ``mlflow.parentRunId``.
+
+    Returns the address of a chart view of the children, top-1 against latency, on a tracking server.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     tracker.log_params(inputs)
+    tracker.log_metrics({"front_size": len(front), "candidates": len(candidates)}, step=0)
     for name in ("pareto.json", "pareto.png"):
         tracker.log_artifact(out / name)
-    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    on_front = {c.mask for c in front}
     now = int(time.time() * 1000)
     for c in candidates:
-        run = tracker.client.create_run(exp_id, run_name=c.mask,
+        run = tracker.client.create_run(tracker.experiment_id, run_name=c.mask,
                                         tags={"mlflow.parentRunId": tracker.run_id, "adn.mask": c.mask})
-        tracker.client.log_batch(run.info.run_id,
-                                 metrics=[Metric("acc1", c.acc1, now, 0), Metric("latency_ms", c.latency_ms, now, 0),
-                                          Metric("gflops", c.gflops, now, 0), Metric("params_m", c.params_m, now, 0)],
-                                 params=[Param("mask", c.mask), Param("target", target)],
-                                 tags=[RunTag("mlflow.runName", c.mask)])
+        metrics = {"acc1": c.acc1, "acc5": c.acc5, "latency_ms": c.latency_ms, "gflops": c.gflops,
+                   "params_m": c.params_m, "on_front": float(c.mask in on_front)}
+        tracker.client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                                 params=[Param("mask", c.mask), Param("target", target), Param("node", c.node)],
+                                 tags=[RunTag("adn.on_front", str(c.mask in on_front).lower())])
         tracker.client.set_terminated(run.info.run_id)
+    view = chart_view(tracker, target, len(candidates))
     tracker.finish()
+    return view
+
+
+def chart_view(tracker: Tracker, target: str, runs: int) -> str | None:
+    """A saved view of the experiment: the search's child runs as a scatter chart, top-1 against latency.
+
+    It is stored the way the UI's own "Share" button stores a view (an experiment tag
+    ``mlflow.sharedViewState.<key>``), so the link opens the chart with no clicking.
+    """
+    if not tracker.uri.startswith(("http://", "https://")):
+        return None
+    key = f"pareto-{tracker.run_id}"
+    section = f"pareto-section-{tracker.run_id[:8]}"
+    state = {
+        "searchFilter": f"tags.mlflow.parentRunId = '{tracker.run_id}'",
+        "orderByKey": "metrics.`latency_ms`", "orderByAsc": True,
+        "runsHiddenMode": "SHOW_ALL", "isAccordionReordered": True, "hideEmptyCharts": True,
+        "compareRunSections": [{"uuid": section, "name": f"Pareto front on {target}", "display": True,
+                                "isReordered": False}],
+        "compareRunCharts": [{"uuid": f"pareto-chart-{tracker.run_id[:8]}", "type": "SCATTER",
+                              "metricSectionId": section, "runsCountToCompare": max(runs, 10), "deleted": False,
+                              "isGenerated": False, "displayName": f"top-1 against latency (ms) on {target}",
+                              "xaxis": {"key": "latency_ms", "type": "METRIC"},
+                              "yaxis": {"key": "acc1", "type": "METRIC"}}],
+    }
+    try:
+        tracker.client.set_experiment_tag(tracker.experiment_id, f"mlflow.sharedViewState.{key}", json.dumps(state))
+    except Exception as err:  # the view is a convenience: the runs are logged either way
+        print(f"warning: could not save the chart view in MLflow ({err})", file=sys.stderr)
+        return None
+    return (f"{tracker.uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs?viewStateShareKey={key}"
+            f"&compareRunsMode=CHART&{UI_MODEL_TRAINING}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,12 +428,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: grid when the space fits the budget, else NSGA-II")
     p.add_argument("--budget", type=int, help="number of trials (default: the whole space, at most 256)")
     p.add_argument("--max-latency-ms", type=float, help="latency budget: print the best mask within it")
-    p.add_argument("--ray-address", help="join a Ray cluster (default: start a local Ray)")
+    p.add_argument("--ray-address", help="join a Ray cluster, HOST:PORT or auto (make ray-head; its token from "
+                                         "RAY_AUTH_TOKEN_PATH or the state dir); default: start a local Ray")
     p.add_argument("--out", help="output directory (default: <checkpoint dir>/pareto-<target>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {front, candidates} as JSON")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="adn-pareto")
+    p.add_argument("--experiment", help="MLflow experiment (default: the training run's with --mlflow-run, "
+                                        "else adn-pareto)")
     p.add_argument("--no-tracking", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -361,6 +468,14 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     if gib > MAX_IN_MEMORY_GIB:
         raise ValueError(f"the {args.split} split holds {samples} samples, {gib:.0f} GiB as float32 in each trial "
                          f"worker; pass --max-samples (at most {int(samples * MAX_IN_MEMORY_GIB / gib)} here).")
+    if args.ray_address:
+        from cluster.ray_node import auth_env
+
+        probe_ray(args.ray_address)
+        os.environ.update(auth_env())  # before Ray is imported: its token loader reads the environment once
+    if parse_location(args.data).is_local and args.ray_address and args.ray_address != "auto":
+        print(f"note: every Ray node reads {args.data} at this path: it must be on a shared filesystem "
+              "(or serve the shards over http(s):// or s3://).", file=sys.stderr)
     if args.target in LOCAL_TARGETS:
         table = local_table(model_name, args.batch_size, resolution, args.dtype or "fp32",
                             num_classes=len(classes))
@@ -387,7 +502,14 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     tracker = None
     if not args.no_tracking:
         check_reachable(resolve_tracking_uri(args.tracking_uri))
-        tracker = Tracker(args.tracking_uri, args.experiment, f"{model_name}-{args.target}-{args.space}")
+        experiment = args.experiment or (training_experiment(args.mlflow_run, args.tracking_uri) if args.mlflow_run
+                                         else "adn-pareto")
+        tags = {"adn.model": model_name, "adn.target": args.target, "adn.space": args.space,
+                "mlflow.note.content": f"Pareto search of {model_name}'s skip masks, top-1 on {args.data} "
+                                       f"({args.split}) against {args.target} latency"}
+        if args.mlflow_run:
+            tags["adn.training_run"] = args.mlflow_run
+        tracker = Tracker(args.tracking_uri, experiment, f"{model_name}-pareto-{args.target}-{args.space}", tags=tags)
 
     results, timing = run_search(weights, args.data, table, num_bits, sampler, budget,
                                  batch_size=args.eval_batch_size, max_samples=args.max_samples,
@@ -398,7 +520,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         if r["mask"] not in by_mask:
             by_mask[r["mask"]] = Candidate(r["mask"], r["acc1"], r["latency_ms"],
                                            count_flops(model, r["mask"], resolution) / 1e9,
-                                           count_params(model, r["mask"]) / 1e6, r["acc5"])
+                                           count_params(model, r["mask"]) / 1e6, r["acc5"], r["node"])
     candidates = sorted(by_mask.values(), key=lambda c: c.latency_ms)
     front = pareto_front(candidates)
     super_mask, base_mask = "F" * num_bits, "T" * num_bits
@@ -419,7 +541,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
                   "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
                   "table_method": table["method"], "max_latency_ms": args.max_latency_ms}
-        log_to_mlflow(tracker, inputs, candidates, args.target, out)
+        view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
     if not args.json:
         print(f"{model_name} on {args.target} ({table['method']} table, batch {args.batch_size}), "
               f"{args.space} space, {sampler}, {len(candidates)} masks evaluated on the {args.split} split")
@@ -431,11 +553,14 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             print(f"best within {args.max_latency_ms:g} ms: " + (
                 f"{best.mask} ({best.acc1:.2%}, {best.latency_ms:.3f} ms)" if best else "none; the fastest mask is "
                 f"{front[0].mask} at {front[0].latency_ms:.3f} ms"))
-        print(f"Ray: {timing['trials']} trials in {timing['wall_s']:.1f} s, overhead "
+        spread = ", ".join(f"{n} {k}" for k, n in sorted(timing["trials_per_node"].items()))
+        print(f"Ray: {timing['trials']} trials in {timing['wall_s']:.1f} s ({spread}), overhead "
               f"{timing['ray_overhead_s_per_trial']:.3f} s per trial")
         print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
         if tracker is not None:
-            print(f"MLflow parent run {tracker.run_id} in {tracker.uri}")
+            print(f"MLflow parent run {tracker.run_id}: {tracker.where()}")
+            if view:
+                print(f"chart of top-1 against latency: {view}")
     return report
 
 

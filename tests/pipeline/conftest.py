@@ -1,23 +1,11 @@
-"""Shared by the pipeline tests: the digits shards, and the environment a launched training gets."""
+"""Shared by the pipeline tests (and the cluster tests): the environment a launched training gets."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-
-from pipeline.data.shard import main as shard_main
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded digits as shards of 400 (4 train shards, 1 val shard)."""
-    out = tmp_path_factory.mktemp("digits")
-    assert shard_main(["digits", "--out", str(out), "--shard-size", "400"]) == 0
-    return out
 
 
 def train_env(**extra: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from adn.checkpoint import load_trained, read_metadata
 from pipeline.data import make_loader
 from pipeline.evaluate import evaluate
 
-from ..daemons import free_port
+from ..daemons import free_port, wait_for
 from .conftest import train_env
 
 # Small and fast: 2 epochs of 44 steps at batch 32, 1 loader worker.
@@ -164,20 +164,59 @@ def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Pat
     assert last.startswith("error: ") and message in last
 
 
-def test_tracking_outage_mid_run_is_dropped_with_a_warning(tmp_path: Path, caplog) -> None:
+def _flaky_store(tmp_path: Path, **kwargs):
+    """A real SQLite-backed tracker whose transport fails while ``down`` is set (a unit test's stand-in for an
+    outage; tests/cluster/test_services.py kills a real server)."""
     from pipeline.tracking import Tracker
 
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "outage", "run", backoff_s=0.0)
-    calls = []
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "outage", "run", backoff_s=0.01, max_backoff_s=0.05,
+                      **kwargs)
+    real, state = tracker.client.log_batch, {"down": False, "calls": 0}
 
-    def down(*args, **kwargs):
-        calls.append(args)
-        raise ConnectionError("server went away")
+    def log_batch(*args, **kw):
+        state["calls"] += 1
+        if state["down"]:
+            raise ConnectionError("server went away")
+        return real(*args, **kw)
 
-    tracker.client.log_batch = down
-    tracker.log_metrics({"loss_ce": 1.0}, step=1)  # must not raise
-    assert len(calls) == 3 and tracker.dropped == 1
-    assert "dropped (training goes on)" in caplog.text
+    tracker.client.log_batch = log_batch
+    return tracker, state
+
+
+def _steps(tracker) -> list[int]:
+    return [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss_ce")]
+
+
+def test_tracking_outage_is_bridged_and_reported(tmp_path: Path, caplog) -> None:
+    """Metrics logged while the store is down are queued, never block the caller, and arrive when it is back."""
+    tracker, state = _flaky_store(tmp_path)
+    for step in range(1, 4):
+        tracker.log_metrics({"loss_ce": float(step)}, step)
+    assert tracker.flush(10)
+    state["down"] = True
+    started = time.perf_counter()
+    for step in range(4, 9):
+        tracker.log_metrics({"loss_ce": float(step)}, step)
+    assert time.perf_counter() - started < 0.05  # the caller never waits for the network
+    wait_for(lambda: state["calls"] > 6, 10, "retries")
+    state["down"] = False
+    tracker.finish(timeout_s=20)
+    assert _steps(tracker) == list(range(1, 9)) and tracker.dropped == 0
+    assert "unreachable (ConnectionError: server went away)" in caplog.text
+    assert "from step 4; sent 5 queued metric values late, nothing was dropped" in caplog.text
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_tracking_outage_beyond_the_buffer_says_what_was_dropped(tmp_path: Path, caplog) -> None:
+    tracker, state = _flaky_store(tmp_path, max_buffered=2)
+    state["down"] = True
+    for step in range(1, 6):
+        tracker.log_metrics({"loss_ce": float(step)}, step)
+    wait_for(lambda: state["calls"] > 3, 10, "retries")
+    state["down"] = False
+    tracker.finish(timeout_s=20)
+    assert _steps(tracker) == [4, 5] and tracker.dropped == 3
+    assert "dropped metrics of 3 logging steps (1-3)" in caplog.text
 
 
 def test_zero1_overlap_comm_is_refused_for_adn() -> None:

@@ -65,7 +65,10 @@ def test_measured_table_has_metadata_and_covers_every_part() -> None:
     assert names[:4] == ["conv1", "bn1", "act1", "maxpool"] and names[-2:] == ["global_pool", "fc"]
     assert [p["skip_bit"] for p in table["parts"] if p["name"].startswith("layer")] == [None, 0, None, 1,
                                                                                       None, 2, None, 3]
-    assert all(p["ms"] > 0 for p in table["parts"])
+    assert all(p.get("ms_isolated", p["ms"]) > 0 for p in table["parts"])  # every part timed on its own
+    # A skippable block's in-network cost is a difference of two whole-network medians, floored at 0: on a
+    # loaded machine a tiny block can come out 0 (seen in CI), never negative.
+    assert all(p["ms"] >= 0 for p in table["parts"])
     report = validate(table, "cpu", rounds=3)  # a saved table checked again later
     assert [r["mask"] for r in report["rows"]] == [str(m) for m in SkipMask.all(4)]
     assert all(r["measured_ms"] > 0 for r in report["rows"])
