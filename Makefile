@@ -28,7 +28,7 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 	$(PY) -m pipeline.data.shard digits --out data/digits
 	rm -rf runs/demo
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \
-		--eval-all-masks --experiment adn-demo --run-name demo
+		--eval-all-masks --experiment adn-demo
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)

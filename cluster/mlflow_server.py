@@ -225,12 +225,11 @@ def start(args: argparse.Namespace) -> int:
         artifacts = str(Path(artifacts).resolve())
     log_path = root / "mlflow" / "server.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db_url, "--serve-artifacts",
-           "--artifacts-destination", artifacts, "--host", args.host, "--port", str(args.port),
-           "--workers", str(args.workers)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination", artifacts,
+           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if args.allowed_hosts:
         cmd += ["--allowed-hosts", args.allowed_hosts]
-    env = dict(os.environ)
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": db_url}  # not in argv, where `ps` shows every user the password
     if args.auth:
         cmd += ["--app-name", "basic-auth"]
         env.update(_auth_config(root, db_url, local_pg))

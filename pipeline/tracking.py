@@ -186,7 +186,9 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._submit(_Op("metrics", items, step, len(items)))
+        for i in range(0, len(items), MAX_METRICS_PER_REQUEST):  # e.g. val_acc1/acc5 of every block mask
+            chunk = items[i: i + MAX_METRICS_PER_REQUEST]
+            self._submit(_Op("metrics", chunk, step, len(chunk)))
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         if not self.enabled:
@@ -218,6 +220,9 @@ class Tracker:
         if not self.enabled:
             return
         self._submit(_Op("terminate", status))
+        if self._outage is not None:
+            log.warning("MLflow: waiting up to %.0f s for the server at %s to take %d queued calls.", timeout_s,
+                        self.uri, len(self._queue))
         if not self.flush(timeout_s):
             with self._cv:
                 left = list(self._queue)

@@ -541,7 +541,13 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
                   "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
                   "table_method": table["method"], "max_latency_ms": args.max_latency_ms}
-        view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
+        try:
+            view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
+        except Exception as err:  # the search's results are on disk already; MLflow only mirrors them
+            print(f"warning: could not log the candidates to MLflow ({err}); the results are in "
+                  f"{out / 'pareto.json'}.", file=sys.stderr)
+            tracker.finish("FAILED", timeout_s=10)
+            view = None
     if not args.json:
         print(f"{model_name} on {args.target} ({table['method']} table, batch {args.batch_size}), "
               f"{args.space} space, {sampler}, {len(candidates)} masks evaluated on the {args.split} split")

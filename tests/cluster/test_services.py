@@ -105,15 +105,16 @@ def _train(digits: Path, out: Path, uri: str, steps: int, **popen: object) -> su
 
 @pytest.fixture(scope="module")
 def trained(server: dict, digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two nodes (`make train-cluster LAUNCHER=local NODES=2`) tracked to the server: rank 0 alone logs."""
     out = tmp_path_factory.mktemp("tracked") / "run"
-    proc = _train(digits, out, server["uri"], 6)
-    try:
-        stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        stop(proc, group=True)
-    assert proc.returncode == 0, stderr[-3000:]
+    done = subprocess.run([MAKE, "-s", "-C", str(ROOT), "train-cluster", "MODEL=resnet_mini", "LAUNCHER=local",
+                           "NODES=2", f"DATA={digits}", "ARGS=" + " ".join([*TRAIN[2:], "--max-steps", "6",
+                                                                            "--output", str(out), "--tracking-uri",
+                                                                            server["uri"]])],
+                          env=train_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
-    return {"out": out, "run_id": run_id, "stdout": stdout}
+    return {"out": out, "run_id": run_id, "stdout": (out / "logs" / "node0.log").read_text()}
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,10 @@ def test_training_and_search_log_to_the_postgres_backed_server(server: dict, tra
     in the server's artifact destination; the search downloads them through the server and logs beside them."""
     client, run_id = _client(server["uri"]), trained["run_id"]
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == "resnet_mini-adn-1x1"
-    assert run.data.params["model"] == "resnet_mini" and run.data.params["world_size"] == "1"
+    assert run.info.status == "FINISHED" and run.info.run_name == "resnet_mini-adn-2x1"
+    assert run.data.params["model"] == "resnet_mini" and run.data.params["world_size"] == "2"
+    assert run.data.params["nodes"] == "2"
+    assert len(client.search_runs([run.info.experiment_id], "tags.`adn.mode` = 'adn'")) == 1  # rank 0's only
     assert [m.step for m in client.get_metric_history(run_id, "loss_ce")] == list(range(1, 7))
     rows = _postgres_rows(server["state"], "SELECT step FROM metrics WHERE run_uuid = %s AND key = 'loss_ce' "
                           "ORDER BY step", run_id)
@@ -197,7 +200,7 @@ def test_the_mlflow_ui_opens_on_the_runs_table_and_shows_the_search(server: dict
     text, shot = _chromium(f"{server['uri']}/#/experiments/{experiment}?workflowType=machine_learning", tmp_path,
                            "runs")
     assert "Run Name" in text and "No data available" not in text
-    assert "resnet_mini-adn-1x1" in text and "resnet_mini-pareto-a100-stages" in text
+    assert "resnet_mini-adn-2x1" in text and "resnet_mini-pareto-a100-stages" in text
     assert shot.stat().st_size > 20_000
 
     text, shot = _chromium(searched["view"], tmp_path, "chart")
