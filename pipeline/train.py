@@ -267,6 +267,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=cfg["ema_decay"], use_warmup=True)
         self.tracker: Tracker | None = None
         self.step_time, self.steps_run = 0.0, 0  # the loop's own time (steps and their logging), this process
+        self.step_cpu = 0.0  # CPU time of this process (all its threads, the tracker's sender too) over the steps
         self.history: dict[str, dict[str, Accuracy]] = {}
 
     # -- state ---------------------------------------------------------------------------------
@@ -376,7 +377,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         step = epoch * self.steps_per_epoch + start
         for _, batch in zip(range(start, stop), batches, strict=False):
-            step_start = time.perf_counter()
+            step_start, cpu_start = time.perf_counter(), time.process_time()
             losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
             if self.ema is not None:
                 self.ema.update(self.model, step=step)
@@ -396,6 +397,7 @@ class Trainer:
                                 img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             self.step_time += time.perf_counter() - step_start
+            self.step_cpu += time.process_time() - cpu_start
             self.steps_run += 1
             bar.update(1)
             if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
@@ -444,7 +446,7 @@ class Trainer:
                      "gflops": c.gflops, "params_m": c.params_m} for c in costs]
             summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
                        "resolution": resolution, "masks": rows,
-                       "timing": {"steps_run": self.steps_run, "step_s": self.step_time,
+                       "timing": {"steps_run": self.steps_run, "step_s": self.step_time, "step_cpu_s": self.step_cpu,
                                   "steps_per_s": self.steps_run / self.step_time if self.step_time else None}}
             (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
             for name in ("summary.json", WEIGHTS_NAME, "weights_ema.safetensors"):
