@@ -25,6 +25,7 @@ test: install  ## run the test suite (CPU only, a few minutes)
 	$(PY) -m pytest -q
 
 demo: install  ## the whole path on the embedded digits: shards, train a small ADN into runs/demo, Pareto search on this CPU
+	rm -rf data/digits
 	$(PY) -m pipeline.data.shard digits --out data/digits
 	rm -rf runs/demo
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \

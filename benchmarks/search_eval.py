@@ -1,98 +1,148 @@
-"""Accuracy of all 16 stage masks of resnet50: shared stage prefixes against one-by-one passes (CPU, side by side).
+"""The search's own evaluation path: one batched pass for the 16 stage masks of resnet50 against one pass per mask.
 
-Repeat with:  .venv/bin/python benchmarks/search_eval.py [--samples 64] [--batch-size 32] [--rounds 3]
+Repeat with:  .venv/bin/python benchmarks/search_eval.py [--samples 192] [--batch-size 32] [--workers 1 2]
+              [--no-blocks]
 
-A small validation set of random 224x224 images (timing does not depend on pixel values; the
-counts of both methods are compared and must be identical). Each round runs both methods, in
-alternating order; figures are medians. One-by-one is ``pipeline.evaluate.evaluate`` (one full
-forward per mask and batch); shared is ``search.accuracy.MaskEvaluator`` (one run per distinct
-stage prefix, no cache across calls). Then Ray Tune's overhead per trial: 16 trials that each
-evaluate one mask with a warm evaluator, against the same evaluations called directly.
+Synthetic 224x224 JPEG shards (smooth random images: decoding costs what photographs cost; timing does
+not depend on what they show), a resnet50 ADN with random weights, and the search's machinery
+unchanged: a local Ray, ``search.evaluation.start_eval_workers`` (the workers stream their part of the
+split), ``run_pass``. For each worker count, both methods run side by side: the 16 masks in one pass
+(as the grid search's one trial hands them over) and 16 passes of one mask each (what a trial per mask
+costs). Printed per worker count: forward time (summed over workers), stage segments run, wall time,
+their ratios, and each worker's peak memory, next to the size of the stage states one pass computes.
+The counts of both methods must be identical.
+
+Then the block space of resnet_mini_deep (128 masks, 2 epochs on the digits) searched by
+``search.pareto --space blocks --sampler nsga2 --budget 38``: its segment runs against one by one.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
-import statistics
-import time
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
-import torch
+import numpy as np
+import yaml
+from PIL import Image
+from tqdm import tqdm
 
-import adn
-from pipeline.evaluate import evaluate
-from search.accuracy import MaskEvaluator
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_FLOATS = {"resnet50": (256 * 56 * 56, 512 * 28 * 28, 1024 * 14 * 14, 2048 * 7 * 7)}
 
 
-def _ray_overhead(trials: int) -> tuple[float, float]:
-    """(seconds per trial of a Tune run of trivial-to-evaluate trials, seconds per direct call)."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+def _shards(out: Path, samples: int) -> None:
+    from pipeline.data.shard import write_shards
+    from pipeline.data.sources import SampleRef
+
+    rng = np.random.default_rng(0)
+    refs = []
+    for i in range(samples):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        refs.append(SampleRef(f"img_{i:06d}", int(rng.integers(0, 1000)), "jpg", data=buffer.getvalue()))
+    write_shards(refs, [f"c{k:04d}" for k in range(1000)], out, "val", shard_size=64, shuffle_seed=None)
+
+
+def _weights(out: Path) -> Path:
+    import torch
+
+    from adn import create_model
+    from adn.checkpoint import save_weights
+
+    torch.manual_seed(0)
+    recipe = yaml.safe_load((ROOT / "pipeline" / "recipes" / "resnet50.yaml").read_text())
+    model = create_model("resnet50", num_classes=1000)
+    return save_weights(model, out / "resnet50.safetensors", model_name="resnet50",
+                        classes=[f"c{k:04d}" for k in range(1000)], resolution=224, recipe=recipe)
+
+
+def _state_gib(samples: int) -> float:
+    """Stage states one pass of the 16 masks computes (fp32): 2, 4, 8, 16 distinct prefixes after stages 1-4."""
+    per_image = sum(n * 2 ** (k + 1) for k, n in enumerate(STAGE_FLOATS["resnet50"])) * 4
+    return samples * per_image / 2**30
+
+
+def _stages(args: argparse.Namespace, work: Path) -> None:
     import ray
-    from ray import tune
 
-    model = adn.create_model("resnet_mini", num_classes=10).eval()
-    batches = [(torch.randn(50, 3, 32, 32), torch.randint(0, 10, (50,)))]
-    masks = [str(m) for m in model.masks()][:trials]
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    evaluator_ref = ray.put((model, batches))
+    from search.evaluation import run_pass, start_eval_workers
 
-    def trial(config: dict) -> None:
-        model, batches = ray.get(evaluator_ref)
-        tune.report({"acc1": MaskEvaluator(model, batches).evaluate([config["mask"]])[config["mask"]].acc1})
-
-    start = time.perf_counter()
-    tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"mask": tune.grid_search(masks)},
-               tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
-               run_config=tune.RunConfig(verbose=0, storage_path="/tmp/adn-bench-ray")).fit()
-    tuned = (time.perf_counter() - start) / len(masks)
-    start = time.perf_counter()
-    for m in masks:
-        MaskEvaluator(model, batches).evaluate([m])
-    direct = (time.perf_counter() - start) / len(masks)
+    _shards(work / "shards", args.samples)
+    weights = _weights(work)
+    masks = [f"{i:04b}".replace("0", "F").replace("1", "T") for i in range(16)]
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=os.cpu_count() or 1)
+    rows = []
+    bar = tqdm(total=len(args.workers) * 17, desc="passes", unit="pass")
+    for count in args.workers:
+        workers = start_eval_workers(weights, str(work / "shards"), args.batch_size, None, count, None)
+        shared, shared_stats = run_pass(workers, "val", masks)
+        bar.update()
+        alone, alone_stats = {}, []
+        for mask in masks:
+            result, stats = run_pass(workers, "val", [mask])
+            alone[mask] = result.counts[mask]
+            alone_stats.append(stats)
+            bar.update()
+        if alone != shared.counts:
+            raise SystemExit("the batched pass and the one-by-one passes disagree")
+        one_by_one = {k: sum(s[k] for s in alone_stats) for k in ("forward_s", "segment_runs", "wall_s")}
+        peak = max(w["peak_rss_mib"] for s in [shared_stats, *alone_stats] for w in s["workers"])
+        rows.append((count, shared_stats, one_by_one, peak))
+        for w in workers:
+            ray.kill(w)
+    bar.close()
     ray.shutdown()
-    return tuned, direct
+    print(f"\nresnet50, 16 stage masks, {args.samples} synthetic 224x224 JPEGs in batches of {args.batch_size}; "
+          f"one pass computes {_state_gib(args.samples):.1f} GiB of stage states (fp32)")
+    print(f"{'workers':>8}{'forward s':>22}{'ratio':>7}{'segment runs':>18}{'ratio':>7}{'wall s':>20}{'ratio':>7}"
+          f"{'peak MiB':>10}")
+    for count, s, o, peak in rows:
+        print(f"{count:>8}{s['forward_s']:>10.1f} / {o['forward_s']:>8.1f}{s['forward_s'] / o['forward_s']:>7.3f}"
+              f"{s['segment_runs']:>8} / {o['segment_runs']:>7}{s['segment_runs'] / o['segment_runs']:>7.3f}"
+              f"{s['wall_s']:>9.1f} / {o['wall_s']:>8.1f}{s['wall_s'] / o['wall_s']:>7.3f}{peak:>10.0f}")
+    print("(batched pass / one pass per mask; forward time is summed over the workers)")
+
+
+def _blocks(work: Path) -> None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "ADN_LUT_DIR": str(work / "luts")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def run(*args: str) -> None:
+        done = subprocess.run([sys.executable, "-m", *args], env=env, cwd=work, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(done.stderr[-3000:])
+
+    run("pipeline.data.shard", "digits", "--out", "digits")
+    run("pipeline.train", "--model", "resnet_mini_deep", "--data", "digits", "--output", "deep", "--epochs", "2",
+        "--no-tracking", "--workers", "1")
+    run("search.pareto", "--target", "a100", "--checkpoint", "deep", "--data", "digits", "--space", "blocks",
+        "--sampler", "nsga2", "--budget", "38", "--no-tracking", "--out", "p-blocks")
+    t = json.loads((work / "p-blocks" / "pareto.json").read_text())["timing"]
+    print(f"\nresnet_mini_deep, block space (128 masks), NSGA-II, budget 38, on the digits' minival: "
+          f"{t['passes']} passes of {t['masks_per_pass']} masks, {t['segment_runs']} segment runs against "
+          f"{t['segment_runs_one_by_one']} one by one: {t['segment_runs'] / t['segment_runs_one_by_one']:.3f}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-ray", action="store_true", help="skip the Ray Tune overhead measurement")
-    args = parser.parse_args()
-
-    torch.manual_seed(0)
-    model = adn.create_model("resnet50").eval()
-    batches = []
-    for start in range(0, args.samples, args.batch_size):
-        n = min(args.batch_size, args.samples - start)
-        batches.append((torch.randn(n, 3, 224, 224), torch.randint(0, 1000, (n,))))
-    masks = model.masks()
-
-    def one_by_one() -> dict:
-        return evaluate(model, batches, masks)
-
-    def shared() -> dict:
-        return MaskEvaluator(model, batches, cache_bytes=0).evaluate(masks)
-
-    assert one_by_one() == shared(), "shared-prefix results differ from one-by-one evaluation"
-    times: dict[str, list[float]] = {"one-by-one": [], "shared": []}
-    for r in range(args.rounds):
-        for name, fn in ((("one-by-one", one_by_one), ("shared", shared)) if r % 2 == 0 else
-                         (("shared", shared), ("one-by-one", one_by_one))):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"resnet50, all {len(masks)} stage masks, {args.samples} images at 224 in batches of {args.batch_size}, "
-          f"fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
-    print(f"  one-by-one {med['one-by-one']:7.2f} s   (a full forward per mask and batch: {len(masks) * len(batches)})")
-    print(f"  shared     {med['shared']:7.2f} s   (one run per distinct stage prefix, identical counts)")
-    print(f"shared / one-by-one = {med['shared'] / med['one-by-one']:.3f}  (target <= 0.6)")
-    if not args.no_ray:
-        tuned, direct = _ray_overhead(16)
-        print(f"Ray Tune: {tuned:.3f} s per trial against {direct:.3f} s per direct call: "
-              f"overhead {tuned - direct:.3f} s per trial (local Ray, 1 trial at a time, reused actor)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--no-blocks", action="store_true", help="skip the resnet_mini_deep NSGA-II part")
+    args = p.parse_args()
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    with tempfile.TemporaryDirectory(prefix="adn-search-eval-") as tmp:
+        _stages(args, Path(tmp))
+        if not args.no_blocks:
+            _blocks(Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Pareto search of skip masks: ``python -m search.pareto --target a100 --checkpoint runs/demo --data data/digits``.
 
-Each candidate mask is a Ray Tune trial with two objectives, top-1 on the validation shards and
+Each candidate mask is a Ray Tune trial with two objectives, top-1 on the search split and
 latency from the target's lookup table. Optuna picks the candidates through Ray Tune's
 ``OptunaSearch``: the exhaustive grid when the space fits the budget, NSGA-II otherwise (or TPE).
-Trials evaluate with ``search.accuracy.MaskEvaluator``, whose stage-state cache lets a worker
-process share prefixes between trials. The front (non-dominated in accuracy vs latency) is
-printed and written to ``pareto.json`` and ``pareto.png``, and logged to MLflow as a parent run
-with one child run per candidate.
+Trials do not evaluate: they ask one batcher actor, which answers the masks of all the trials
+running together with one streaming pass over the split, cut over evaluation workers
+(``search.evaluation``), sharing stage prefixes (``search.accuracy``). Masks are chosen on the
+``minival`` split held out of training when the data has one, and the front is then evaluated
+on the validation split in one more pass: both accuracies are reported. The front
+(non-dominated in accuracy vs latency) is printed and written to ``pareto.json`` and
+``pareto.png``, and logged to MLflow as a parent run with one child run per candidate.
 
 Spaces: ``stages`` (default) is the trained per-stage space, 2^S masks. ``blocks`` lets each
 skippable block be dropped on its own (2^7 for resnet50); a stage's switchable norms then take
@@ -20,16 +23,14 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from adn.checkpoint import load_trained, read_metadata, resolve_weights
 from adn.complexity import count_flops, count_params
-from pipeline.data import DataError, make_loader, read_manifest
+from pipeline.data import DataError, has_split, read_manifest
+from pipeline.data.shard import HOLDOUT_SPLIT
 from pipeline.data.storage import parse_location
 from pipeline.tracking import UI_MODEL_TRAINING, Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
@@ -37,8 +38,8 @@ from .latency import TableError, check_table_for, predict, resolve
 from .parts import skeleton
 from .profile import LOCAL_TARGETS, local_table
 
-#: Each trial worker holds the validation samples in memory (every trial reads the same ones).
-MAX_IN_MEMORY_GIB = 8.0
+#: What a trial's process holds (Ray and Tune, no torch: the workers hold the model), as Ray's logical memory.
+TRIAL_MEMORY = 256 * 2**20
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Candidate:
     gflops: float
     params_m: float
     acc5: float = 0.0
-    node: str = ""  # the Ray node that evaluated it
+    node: str = ""  # the Ray node that ran its trial
+    val_acc1: float | None = None  # on the report split (front members only)
+    val_acc5: float | None = None
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
@@ -105,68 +108,6 @@ def resolve_checkpoint(checkpoint: str | None, mlflow_run: str | None, tracking_
     return Path(local)
 
 
-def load_batches(data: str, split: str, recipe: dict[str, Any], batch_size: int, max_samples: int | None,
-                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The validation set in memory (normalized), cut to ``max_samples``: every trial reads the same samples."""
-    loader = make_loader(data, split, batch_size, recipe, train=False, rank=0, world_size=1, num_workers=0)
-    batches, seen = [], 0
-    for images, labels, _ in loader:
-        if max_samples is not None and seen + len(labels) > max_samples:
-            keep = max_samples - seen
-            images, labels = images[:keep], labels[:keep]
-        if len(labels):
-            batches.append((images, labels))
-        seen += len(labels)
-        if max_samples is not None and seen >= max_samples:
-            break
-    return batches
-
-
-_EVALUATORS: dict[tuple, Any] = {}
-
-
-def _local_weights(blob: bytes) -> Path:
-    """The weights the driver shipped through Ray's object store, as a file on this node (once per content)."""
-    import hashlib
-    import tempfile
-
-    path = Path(tempfile.gettempdir()) / f"adn-weights-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(path)
-    return path
-
-
-def _evaluator(weights: bytes, data: str, split: str, batch_size: int, max_samples: int | None, device: str) -> Any:
-    """One evaluator per worker process and input: trials in a reused Ray worker share its caches."""
-    from .accuracy import MaskEvaluator
-
-    key = (len(weights), hash(weights), data, split, batch_size, max_samples, device)
-    if key not in _EVALUATORS:
-        model, meta = load_trained(_local_weights(weights), map_location=device)
-        batches = load_batches(data, split, {"data": meta["recipe"]["data"]}, batch_size, max_samples)
-        batches = [(x.to(device), y.to(device)) for x, y in batches]
-        _EVALUATORS[key] = MaskEvaluator(model, batches)
-    return _EVALUATORS[key]
-
-
-def _trial(config: dict[str, Any], weights: bytes, data: str, split: str, batch_size: int,
-           max_samples: int | None, table: dict[str, Any], num_bits: int) -> None:
-    import socket
-
-    import ray
-    from ray import tune
-
-    mask = "".join("T" if config[f"b{i}"] else "F" for i in range(num_bits))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = time.perf_counter()
-    acc = _evaluator(weights, data, split, batch_size, max_samples, device).evaluate([mask])[mask]
-    tune.report({"acc1": acc.acc1, "acc5": acc.acc5, "latency_ms": predict(table, mask), "mask": mask,
-                 "eval_s": time.perf_counter() - start, "node": ray.util.get_node_ip_address(),
-                 "host": socket.gethostname(), "device": device})
-
-
 # -- the search -----------------------------------------------------------------------------------
 
 def _seeds(num_bits: int) -> list[dict[str, bool]]:
@@ -178,41 +119,23 @@ def _seeds(num_bits: int) -> list[dict[str, bool]]:
     return [{f"b{i}": v for i in range(num_bits)} for v in (False, True)]
 
 
-class _DistinctBudget:
-    """A Ray Tune stopper that ends the search once ``budget`` distinct masks have been evaluated."""
-
-    def __new__(cls, budget: int):  # noqa: ANN204
-        from ray.tune import Stopper
-
-        class Stop(Stopper):
-            def __init__(self) -> None:
-                self.seen: set[str] = set()
-
-            def __call__(self, trial_id: str, result: dict) -> bool:
-                if "mask" in result:
-                    self.seen.add(result["mask"])
-                return False
-
-            def stop_all(self) -> bool:
-                return len(self.seen) >= budget
-
-        return Stop()
-
-
 class _Progress:
-    """A progress bar over trials (a Ray Tune callback), since Tune's own output is turned off."""
+    """A progress bar over distinct masks (a Ray Tune callback), since Tune's own output is turned off."""
 
     def __init__(self, total: int) -> None:
         from ray.tune import Callback
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="trials", unit="trial", file=sys.stderr)
+        bar = tqdm(total=total, desc="masks", unit="mask", file=sys.stderr)
+        passes = [0]
 
         class _Callback(Callback):
             def on_trial_result(self, iteration, trials, trial, result, **info):  # noqa: ANN001
-                if "mask" in result:
-                    bar.update(1)
-                    bar.set_postfix(mask=result["mask"], acc1=f"{result['acc1']:.3f}", refresh=False)
+                if "masks" in result:
+                    passes[0] += 1
+                    bar.update(result["masks"])
+                    best = max(json.loads(result["accuracy"]).values())[0]
+                    bar.set_postfix(passes=passes[0], best_acc1=f"{best:.3f}", refresh=False)
 
         self.callback, self.bar = _Callback(), bar
 
@@ -248,81 +171,103 @@ def connect_ray(address: str | None) -> None:
                          "(make ray-head) or check its token (RAY_AUTH_TOKEN_PATH).") from err
 
 
+def batch_size(sampler: str, budget: int, population: int) -> int:
+    """Masks per trial (one pass): a grid's whole budget, NSGA-II's generation, a few for TPE."""
+    if sampler == "grid":
+        return budget
+    if sampler == "nsga2":
+        return population
+    return min(4, budget)  # TPE learns from finished trials (the constant liar covers the rest of a batch)
+
+
 def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, sampler: str, budget: int,
-               *, batch_size: int = 64, max_samples: int | None = None, ray_address: str | None = None,
-               seed: int = 0, out: Path, split: str = "val") -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Run the Ray Tune + Optuna search; returns one result dict per trial and timing figures."""
+               *, batch_size_eval: int = 100, max_samples: int | None = None, ray_address: str | None = None,
+               seed: int = 0, out: Path, split: str = "val", report_split: str | None = None,
+               eval_workers: int | None = None, loader_workers: int | None = None,
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, tuple[float, float, int]]]:
+    """Run the Ray Tune + Optuna search on ``split``, then evaluate its front on ``report_split`` in one pass.
+
+    Returns each distinct mask's result (accuracy, latency, the Tune trial and node that ran it), timing
+    figures, and the front's accuracy on the report split.
+    """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off; our progress bar instead
     import optuna
     import ray
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from .batching import BatchingSearcher
+    from .counts import summarize
+    from .evaluation import run_pass, start_eval_workers
+    from .trial import batch_trial
+
     names = [f"b{i}" for i in range(num_bits)]
+    population = max(4, budget // 8)
     if sampler == "grid":
         optuna_sampler = optuna.samplers.GridSampler({n: [False, True] for n in names}, seed=seed)
     elif sampler == "nsga2":
-        optuna_sampler = optuna.samplers.NSGAIISampler(population_size=max(4, budget // 8), seed=seed)
+        optuna_sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=seed)
     else:
-        optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, budget // 4))
-    searcher = OptunaSearch(metric=["acc1", "latency_ms"], mode=["max", "min"], sampler=optuna_sampler,
-                            points_to_evaluate=None if sampler == "grid" else _seeds(num_bits),
-                            seed=seed)
+        optuna_sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, budget // 4),
+                                                    constant_liar=True)
+    optuna_search = OptunaSearch(metric=["acc1", "latency_ms"], mode=["max", "min"], sampler=optuna_sampler,
+                                 points_to_evaluate=None if sampler == "grid" else _seeds(num_bits), seed=seed)
+    searcher = BatchingSearcher(optuna_search, num_bits, batch_size(sampler, budget, population), budget,
+                                lambda mask: predict(table, mask))
     if not ray.is_initialized():
         connect_ray(ray_address)
-    resources = ray.cluster_resources()
-    gpus = 1 if resources.get("GPU", 0) >= 1 else 0  # one GPU per trial where the nodes have GPUs
-    if gpus:
-        concurrency = int(resources["GPU"])
-    elif ray_address:
-        concurrency = max(1, int(resources.get("CPU", 1)))  # one CPU per trial over the whole cluster
-    else:
-        concurrency = max(1, min(2, os.cpu_count() or 1))
-    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, weights=Path(weights).read_bytes(), data=parse_location(data).absolute(),
-                             split=split, batch_size=batch_size, max_samples=max_samples, table=table,
-                             num_bits=num_bits),
-        {"cpu": 1, "gpu": gpus})
+    data = parse_location(data).absolute()
+    workers = start_eval_workers(weights, data, batch_size_eval, max_samples, eval_workers, loader_workers)
+    # A trial only hands its masks to the workers and waits: no CPU, only a light process's memory (Tune
+    # refuses a trial without any resource).
+    trainable = tune.with_resources(tune.with_parameters(batch_trial, workers=workers, split=split),
+                                    {"cpu": 0, "memory": TRIAL_MEMORY})
     progress = _Progress(budget)
-    # The budget counts distinct masks: a sampler proposing a mask again costs a cached lookup, not a trial.
     tuner = tune.Tuner(
         trainable,
         param_space={n: tune.choice([False, True]) for n in names},
-        tune_config=tune.TuneConfig(search_alg=searcher, reuse_actors=True,
-                                    num_samples=budget if sampler == "grid" else 10 * budget),
+        tune_config=tune.TuneConfig(search_alg=searcher, reuse_actors=True, num_samples=budget),
         run_config=tune.RunConfig(name="pareto", storage_path=str((out / "ray").resolve()), verbose=0,
-                                  callbacks=[progress.callback], stop=_DistinctBudget(budget),
-                                  failure_config=tune.FailureConfig(fail_fast=True)),
+                                  callbacks=[progress.callback], failure_config=tune.FailureConfig(fail_fast=True)),
     )
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Study.stop.*")
-        try:
-            grid = tuner.fit()
-        except Exception as err:  # fail_fast: Tune raises on the first failed trial
-            raise RuntimeError(f"the Ray Tune search stopped: {err}") from err
+    try:
+        grid = tuner.fit()
+    except Exception as err:  # fail_fast: Tune raises on the first failed trial
+        raise RuntimeError(f"the Ray Tune search stopped: {err}") from err
     wall = time.perf_counter() - start
     progress.bar.close()
     errors = [r.error for r in grid if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} trials failed; the first with: {errors[0]}")
-    # Trials still pending when the distinct budget was reached end without a result.
-    results = [r.metrics for r in grid if r.metrics and "acc1" in r.metrics]
-    eval_s = sum(r["eval_s"] for r in results)
-    nodes: dict[str, int] = {}
-    for r in results:
-        nodes[r["node"]] = nodes.get(r["node"], 0) + 1
-    timing = {"wall_s": wall, "trials": len(results), "eval_s": eval_s, "concurrency": concurrency,
-              "ray_overhead_s_per_trial": max(wall * concurrency - eval_s, 0.0) / max(len(results), 1),
-              "trials_per_node": nodes}
-    return results, timing
+    results: dict[str, dict[str, Any]] = {}
+    passes, nodes = [], {}
+    for r in grid:
+        if not r.metrics or "accuracy" not in r.metrics:
+            continue
+        passes.append(json.loads(r.metrics["pass"]))
+        nodes[r.metrics["node"]] = nodes.get(r.metrics["node"], 0) + 1
+        for mask, (acc1, acc5, samples) in json.loads(r.metrics["accuracy"]).items():
+            results[mask] = {"acc1": acc1, "acc5": acc5, "samples": samples, "latency_ms": predict(table, mask),
+                             "trial": r.metrics["trial_id"], "node": r.metrics["node"]}
+    searched = summarize(passes)
+    reported: dict[str, tuple[float, float, int]] = {}
+    report: dict[str, Any] | None = None
+    if report_split and report_split != split:
+        front = pareto_front([Candidate(m, r["acc1"], r["latency_ms"], 0.0, 0.0) for m, r in results.items()])
+        counts, stats = run_pass(workers, report_split, [c.mask for c in front])
+        reported, report = counts.rates(), summarize([stats])
+    timing = {"wall_s": wall, "trials": len(passes), "masks": len(results),
+              "ray_overhead_s_per_trial": max(wall - searched["pass_wall_s"], 0.0) / max(len(passes), 1),
+              "trials_per_node": nodes, **searched, "report_pass": report}
+    return results, timing, reported
 
 
 def plot(candidates: list[Candidate], front: list[Candidate], path: Path, title: str,
-         max_latency_ms: float | None, super_mask: str, base_mask: str) -> None:
+         max_latency_ms: float | None, super_mask: str, base_mask: str, splits: tuple[str, str] = ("val", "val"),
+         ) -> None:
+    """Every candidate and the front on the search split; the front on the report split too when it differs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,9 +275,12 @@ def plot(candidates: list[Candidate], front: list[Candidate], path: Path, title:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([c.latency_ms for c in candidates], [100 * c.acc1 for c in candidates], s=14, color="0.65",
-               label="candidates")
+               label=f"candidates ({splits[0]})")
     ax.plot([c.latency_ms for c in front], [100 * c.acc1 for c in front], "-o", color="C0", ms=7, mfc="none",
-            zorder=4, label="Pareto front")
+            zorder=4, label=f"Pareto front ({splits[0]})")
+    if splits[1] != splits[0]:
+        ax.plot([c.latency_ms for c in front], [100 * c.val_acc1 for c in front], "--s", color="C4", ms=5,
+                zorder=4, label=f"the front on {splits[1]}")
     for c in candidates:
         if c.mask in (super_mask, base_mask):
             name = "super-net" if c.mask == super_mask else "base-net"
@@ -369,6 +317,8 @@ def log_to_mlflow(tracker: Tracker, inputs: dict[str, Any], candidates: list[Can
                                         tags={"mlflow.parentRunId": tracker.run_id, "adn.mask": c.mask})
         metrics = {"acc1": c.acc1, "acc5": c.acc5, "latency_ms": c.latency_ms, "gflops": c.gflops,
                    "params_m": c.params_m, "on_front": float(c.mask in on_front)}
+        if c.val_acc1 is not None:  # front members: top-1 on the report split too
+            metrics.update(val_acc1=c.val_acc1, val_acc5=c.val_acc5)
         tracker.client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                                  params=[Param("mask", c.mask), Param("target", target), Param("node", c.node)],
                                  tags=[RunTag("adn.on_front", str(c.mask in on_front).lower())])
@@ -418,10 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--mlflow-run", metavar="ID", help="a training run whose weights artifact to use")
     p.add_argument("--data", required=True, help="WebDataset shards with the validation split: a directory, "
                                                  "http(s)://HOST/PREFIX, s3://BUCKET/PREFIX or 'pipe:CMD {}'")
-    p.add_argument("--split", default="val")
+    p.add_argument("--search-split", help="split the masks are chosen on (default: minival when the data has one, "
+                                          "made by pipeline.data.shard --holdout; else --split)")
+    p.add_argument("--split", default="val", help="split the front is reported on (default: val)")
     p.add_argument("--batch-size", type=int, default=1, help="batch of the latency table (deployment batch)")
     p.add_argument("--eval-batch-size", type=int, default=100, help="batch for the accuracy evaluation")
-    p.add_argument("--max-samples", type=int, help="evaluate on the first N validation samples only")
+    p.add_argument("--max-samples", type=int, help="evaluate on the first N samples of each split only")
+    p.add_argument("--eval-workers", type=int, help="workers each pass is cut over (default: one per GPU of the "
+                                                    "cluster, else one per node)")
+    p.add_argument("--loader-workers", type=int, help="decoding processes per evaluation worker (default: 0 on "
+                                                      "CPU, up to 8 per GPU)")
     p.add_argument("--dtype", help="latency table dtype (default: the target's)")
     p.add_argument("--space", choices=("stages", "blocks"), default="stages")
     p.add_argument("--sampler", choices=("auto", "grid", "nsga2", "tpe"), default="auto",
@@ -456,18 +412,25 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     weights = resolve_checkpoint(args.checkpoint, args.mlflow_run, args.tracking_uri)
     meta = read_metadata(weights)
     model_name, classes, resolution = meta["model"], meta["classes"], meta["resolution"]
-    manifest = read_manifest(args.data, args.split)
-    if manifest.classes != classes:
-        raise ValueError(f"the checkpoint was trained on {len(classes)} classes, the data in {args.data!r} has "
-                         f"{len(manifest.classes)}" + (" (same count, other names)" if len(classes) ==
-                                                       len(manifest.classes) else "") + "; pass matching data.")
     if args.batch_size < 1 or args.eval_batch_size < 1:
         raise ValueError("--batch-size and --eval-batch-size must be at least 1.")
-    samples = manifest.num_samples if args.max_samples is None else min(args.max_samples, manifest.num_samples)
-    gib = samples * 3 * resolution**2 * 4 / 2**30
-    if gib > MAX_IN_MEMORY_GIB:
-        raise ValueError(f"the {args.split} split holds {samples} samples, {gib:.0f} GiB as float32 in each trial "
-                         f"worker; pass --max-samples (at most {int(samples * MAX_IN_MEMORY_GIB / gib)} here).")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be at least 1, got {args.max_samples}.")
+    if args.eval_workers is not None and args.eval_workers < 1:
+        raise ValueError(f"--eval-workers must be at least 1, got {args.eval_workers}.")
+    if args.loader_workers is not None and args.loader_workers < 0:
+        raise ValueError(f"--loader-workers must be 0 or more, got {args.loader_workers}.")
+    search_split = args.search_split or (HOLDOUT_SPLIT if has_split(args.data, HOLDOUT_SPLIT) else args.split)
+    for split in dict.fromkeys((search_split, args.split)):
+        manifest = read_manifest(args.data, split)
+        if manifest.classes != classes:
+            raise ValueError(f"the checkpoint was trained on {len(classes)} classes, the {split} split in "
+                             f"{args.data!r} has {len(manifest.classes)}" + (
+                                 " (same count, other names)" if len(classes) == len(manifest.classes) else "")
+                             + "; pass matching data.")
+    if search_split == args.split:
+        print(f"note: masks are chosen and reported on the same split ({args.split}), so the front's accuracies "
+              "are optimistic; write a minival split with `pipeline.data.shard ... --holdout N`.", file=sys.stderr)
     if args.ray_address:
         from cluster.ray_node import auth_env
 
@@ -511,18 +474,17 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             tags["adn.training_run"] = args.mlflow_run
         tracker = Tracker(args.tracking_uri, experiment, f"{model_name}-pareto-{args.target}-{args.space}", tags=tags)
 
-    results, timing = run_search(weights, args.data, table, num_bits, sampler, budget,
-                                 batch_size=args.eval_batch_size, max_samples=args.max_samples,
-                                 ray_address=args.ray_address, seed=args.seed, out=out, split=args.split)
+    results, timing, reported = run_search(
+        weights, args.data, table, num_bits, sampler, budget, batch_size_eval=args.eval_batch_size,
+        max_samples=args.max_samples, ray_address=args.ray_address, seed=args.seed, out=out, split=search_split,
+        report_split=args.split, eval_workers=args.eval_workers, loader_workers=args.loader_workers)
     model, _ = load_trained(weights)
-    by_mask: dict[str, Candidate] = {}
-    for r in results:
-        if r["mask"] not in by_mask:
-            by_mask[r["mask"]] = Candidate(r["mask"], r["acc1"], r["latency_ms"],
-                                           count_flops(model, r["mask"], resolution) / 1e9,
-                                           count_params(model, r["mask"]) / 1e6, r["acc5"], r["node"])
-    candidates = sorted(by_mask.values(), key=lambda c: c.latency_ms)
+    candidates = sorted((Candidate(mask, r["acc1"], r["latency_ms"], count_flops(model, mask, resolution) / 1e9,
+                                   count_params(model, mask) / 1e6, r["acc5"], r["node"])
+                         for mask, r in results.items()), key=lambda c: c.latency_ms)
     front = pareto_front(candidates)
+    for c in front:  # the report split's accuracy, from one pass over the front (the same split: the same numbers)
+        c.val_acc1, c.val_acc5, _ = reported.get(c.mask, (c.acc1, c.acc5, 0))
     super_mask, base_mask = "F" * num_bits, "T" * num_bits
     super_ms = predict(table, super_mask)
     best = best_within(front, args.max_latency_ms) if args.max_latency_ms is not None else None
@@ -530,17 +492,19 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_name, "target": args.target, "table": {k: table.get(k) for k in (
             "method", "device", "dtype", "batch_size", "resolution", "source", "path")},
         "space": args.space, "sampler": sampler, "budget": budget, "weights": str(weights),
+        "search_split": search_split, "split": args.split,
         "timing": timing, "front": [asdict(c) for c in front], "candidates": [asdict(c) for c in candidates],
         "best_within_budget": asdict(best) if best else None, "max_latency_ms": args.max_latency_ms,
         "mlflow_parent": tracker.run_id if tracker is not None else None,
     }
     (out / "pareto.json").write_text(json.dumps(report, indent=1))
     plot(candidates, front, out / "pareto.png", f"{model_name} on {args.target} ({table['method']})",
-         args.max_latency_ms, super_mask, base_mask)
+         args.max_latency_ms, super_mask, base_mask, (search_split, args.split))
     if tracker is not None:
         inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
                   "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
-                  "table_method": table["method"], "max_latency_ms": args.max_latency_ms}
+                  "table_method": table["method"], "max_latency_ms": args.max_latency_ms,
+                  "search_split": search_split, "split": args.split}
         try:
             view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
         except Exception as err:  # the search's results are on disk already; MLflow only mirrors them
@@ -550,15 +514,24 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             view = None
     if not args.json:
         print(f"{model_name} on {args.target} ({table['method']} table, batch {args.batch_size}), "
-              f"{args.space} space, {sampler}, {len(candidates)} masks evaluated on the {args.split} split")
-        print(f"{'mask':<10}{'top-1':>8}{'latency ms':>12}{'GFLOPs':>9}{'params M':>10}{'speed-up':>10}")
+              f"{args.space} space, {sampler}, {len(candidates)} masks chosen on {search_split}, front reported "
+              f"on {args.split}")
+        head = [f"top-1 {search_split}"] + ([f"top-1 {args.split}"] if args.split != search_split else [])
+        print(f"{'mask':<10}" + "".join(f"{h:>{len(h) + 2}}" for h in head)
+              + f"{'latency ms':>12}{'GFLOPs':>9}{'params M':>10}{'speed-up':>10}")
         for c in front:
-            print(f"{c.mask:<10}{c.acc1:>8.2%}{c.latency_ms:>12.3f}{c.gflops:>9.4f}{c.params_m:>10.3f}"
-                  f"{super_ms / c.latency_ms:>9.2f}x")
+            accs = [c.acc1] + ([c.val_acc1] if args.split != search_split else [])
+            print(f"{c.mask:<10}" + "".join(f"{a:>{len(h) + 2}.2%}" for a, h in zip(accs, head, strict=True))
+                  + f"{c.latency_ms:>12.3f}{c.gflops:>9.4f}{c.params_m:>10.3f}{super_ms / c.latency_ms:>9.2f}x")
         if args.max_latency_ms is not None:
             print(f"best within {args.max_latency_ms:g} ms: " + (
-                f"{best.mask} ({best.acc1:.2%}, {best.latency_ms:.3f} ms)" if best else "none; the fastest mask is "
-                f"{front[0].mask} at {front[0].latency_ms:.3f} ms"))
+                f"{best.mask} ({best.val_acc1:.2%} on {args.split}, {best.latency_ms:.3f} ms)" if best else
+                f"none; the fastest mask is {front[0].mask} at {front[0].latency_ms:.3f} ms"))
+        workers = ", ".join(f"{w['node']} {w['samples']}" for w in timing["eval_workers"])
+        print(f"evaluation: {timing['passes']} passes over {search_split} ({timing['masks_per_pass']} masks), "
+              f"{timing['segment_runs']} stage segments run against {timing['segment_runs_one_by_one']} one by one "
+              f"({timing['segment_runs'] / max(timing['segment_runs_one_by_one'], 1):.2f}); samples per worker: "
+              f"{workers}")
         spread = ", ".join(f"{n} {k}" for k, n in sorted(timing["trials_per_node"].items()))
         print(f"Ray: {timing['trials']} trials in {timing['wall_s']:.1f} s ({spread}), overhead "
               f"{timing['ray_overhead_s_per_trial']:.3f} s per trial")

@@ -127,13 +127,18 @@ def _seeded_shuffle(seeds: _Seeds, bufsize: int) -> Callable[[Iterator[Any]], It
 
 
 class _ExactSamples(IterableDataset):
-    """Samples ``[start, stop)`` of the split, in manifest order, for this (rank, worker): no resampling."""
+    """Samples ``[start, stop)`` of the split, in manifest order, for this (rank, worker): no resampling.
 
-    def __init__(self, manifest: Manifest, location: Location, rank: int, world_size: int, bad: BadSamples) -> None:
+    ``limit`` keeps the first ``limit`` samples of the split only (still cut exactly across parts).
+    """
+
+    def __init__(self, manifest: Manifest, location: Location, rank: int, world_size: int, bad: BadSamples,
+                 limit: int | None = None) -> None:
         self.manifest, self.location, self.rank, self.world_size, self.bad = manifest, location, rank, world_size, bad
+        self.num_samples = manifest.num_samples if limit is None else min(limit, manifest.num_samples)
 
     def part_range(self, part: int, parts: int) -> tuple[int, int]:
-        n = self.manifest.num_samples
+        n = self.num_samples
         return part * n // parts, (part + 1) * n // parts
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -273,15 +278,18 @@ def make_loader(
     shuffle_buffer: int = 2000,
     verify: str = "size",
     device: str | torch.device = "cpu",
+    max_samples: int | None = None,
 ) -> ShardLoader:
     """Build the loader of ``split`` (``train`` defaults to ``split == "train"``); checks shards before streaming.
 
     ``data_dir`` is a directory or a remote location (``http(s)://``, ``s3://``, ``pipe:CMD``; see
     ``pipeline.data.storage``). Batches arrive normalized on ``device``; ``rank``/``world_size``
-    default to torch.distributed's.
+    default to torch.distributed's. ``max_samples`` (validation only) keeps the split's first N samples.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if max_samples is not None and (max_samples < 1 or (train if train is not None else split == "train")):
+        raise ValueError(f"max_samples cuts validation splits only and must be at least 1, got {max_samples}.")
     location = parse_location(data_dir)
     manifest = read_manifest(location, split, verify=verify)
     data = load_recipe(recipe)["data"]
@@ -306,7 +314,7 @@ def make_loader(
         # Each worker stops after its share; together the rank yields exactly num_batches.
         pipeline = _PerWorkerEpoch(pipeline, num_batches)
     else:
-        exact = _ExactSamples(manifest, location, rank, world_size, bad)
+        exact = _ExactSamples(manifest, location, rank, world_size, bad, max_samples)
         pipeline = wds.DataPipeline(exact, *_decode_and_batch(val_transform(data), bad, batch_size, partial=True))
         num_batches = 0
         for w in range(workers):

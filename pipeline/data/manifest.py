@@ -59,6 +59,18 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def has_split(location: str | os.PathLike[str] | Location, split: str) -> bool:
+    """Whether ``location`` holds a manifest for ``split`` (the optional ``minival``); a missing one is no error."""
+    location = location if isinstance(location, Location) else parse_location(location)
+    if location.is_local:
+        return location.path(f"{split}.json").is_file()
+    try:
+        location.read(f"{split}.json")
+    except OSError:
+        return False
+    return True
+
+
 def read_manifest(location: str | os.PathLike[str] | Location, split: str, verify: str = "size") -> Manifest:
     """Load ``<location>/<split>.json`` and check it; local shards are checked against it too.
 

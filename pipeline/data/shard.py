@@ -5,6 +5,10 @@ The plan (which sample goes to which shard) is fixed before anything is written:
 are shuffled with a seed so every shard mixes classes; shard i holds samples i*N .. (i+1)*N-1.
 Each shard is written to a temporary file and renamed when complete, so a run that was
 interrupted is started again with the same command and writes only the shards still missing.
+
+``--holdout N`` moves N training samples, stratified by class, into a ``minival`` split: the
+search chooses masks on it and reports the validation split, which it never chose on (as
+OFA, NAT and AutoFormer search on a held-out part of the training set).
 """
 
 from __future__ import annotations
@@ -43,6 +47,33 @@ def plan_shards(refs: Sequence[SampleRef], shard_size: int, shuffle_seed: int | 
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(ordered)
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
+
+
+HOLDOUT_SPLIT = "minival"
+
+
+def holdout(refs: Sequence[SampleRef], n: int, seed: int) -> tuple[list[SampleRef], list[SampleRef]]:
+    """(kept, held out): ``n`` samples stratified by class, each class's share by largest remainder.
+
+    Deterministic in the keys and ``seed`` alone, so a restarted writer holds out the same samples.
+    """
+    if n < 0 or n >= len(refs):
+        raise DataError(f"--holdout must be between 0 and {len(refs) - 1} (the train split has {len(refs)} "
+                        f"samples), got {n}.")
+    by_class: dict[int, list[SampleRef]] = {}
+    for ref in sorted(refs, key=lambda r: r.key):
+        by_class.setdefault(ref.label, []).append(ref)
+    quota = {c: n * len(members) / len(refs) for c, members in by_class.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    for c in sorted(quota, key=lambda c: (take[c] - quota[c], c))[: n - sum(take.values())]:
+        take[c] += 1
+    held: list[SampleRef] = []
+    for c, members in sorted(by_class.items()):
+        members = list(members)
+        random.Random(f"holdout/{seed}/{c}").shuffle(members)
+        held += members[: take[c]]
+    chosen = {r.key for r in held}
+    return [r for r in refs if r.key not in chosen], sorted(held, key=lambda r: r.key)
 
 
 def _plan_digest(shards: list[list[SampleRef]]) -> str:
@@ -148,8 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     imagenet.add_argument("--val-labels", help="labels for ILSVRC2012_img_val.tar (LOC_val_solution.csv, "
                           "'file wnid' lines, or one wnid per line in file order)")
     imagenet.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    imagenet.add_argument("--holdout", type=int, default=10_000, help="training images held out as the minival "
+                          "split the search chooses on, stratified by class (default 10000; 0: none)")
     digits = sub.add_parser("digits", help="the embedded default: scikit-learn's digits at 32x32 RGB")
     digits.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
+    digits.add_argument("--holdout", type=int, default=180, help="training images held out as the minival split, "
+                        "stratified by class (default 180: 18 per digit; 0: none)")
     for p in (imagenet, digits):
         p.add_argument("--out", required=True, help="output directory for the shards and manifests")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")
@@ -166,15 +201,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not wanted:
                 raise DataError(f"{args.src!r} has no train/ or val/ folders and no ILSVRC2012_img_*.tar archives.")
             jobs = [(s, *imagenet_samples(args.src, s, args.val_labels)) for s in wanted]
+        jobs = [job for split, classes, refs in jobs for job in _with_holdout(split, classes, refs, args)]
         for split, classes, refs in jobs:
             manifest = write_shards(refs, classes, args.out, split, args.shard_size, args.workers,
                                     shuffle_seed=args.seed if split == "train" else None,
-                                    extra={"source": args.source}, progress=True)
+                                    extra={"source": args.source, **_holdout_note(split, args)}, progress=True)
             print(f"{split}: {manifest.num_samples} samples, {len(classes)} classes, "
                   f"{len(manifest.shards)} shards -> {Path(args.out) / (split + '.json')}")
     except DataError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
+
+
+def _with_holdout(split: str, classes: list[str], refs: list[SampleRef],
+                  args: argparse.Namespace) -> list[tuple[str, list[str], list[SampleRef]]]:
+    if split != "train" or not args.holdout:
+        return [(split, classes, refs)]
+    kept, held = holdout(refs, args.holdout, args.seed)
+    return [(split, classes, kept), (HOLDOUT_SPLIT, classes, held)]
+
+
+def _holdout_note(split: str, args: argparse.Namespace) -> dict:
+    if not args.holdout or split not in ("train", HOLDOUT_SPLIT):
+        return {}
+    return {"holdout": args.holdout, "holdout_seed": args.seed, "holdout_of": "train"}
 
 
 if __name__ == "__main__":

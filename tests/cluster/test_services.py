@@ -251,11 +251,12 @@ def _netns(name: str) -> None:
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
 
 
-def test_a_search_spreads_its_trials_over_a_two_node_ray_cluster(trained_checkpoint: Path, digits: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_search_spreads_its_evaluation_over_a_two_node_ray_cluster(trained_checkpoint: Path, digits: Path,
+                                                                     tmp_path: Path) -> None:
     """Check 3: `make ray-head` in one namespace, `make ray-worker HEAD=...` in another (Ray advertises the
     veth addresses; plain loopback would not be two hosts), the search joins with the head's token, and
-    its report names the node of every trial: both nodes ran some. The stop targets leave nothing behind."""
+    its report names the node of every evaluation worker: one per node, each streaming half of every
+    pass. The stop targets leave nothing behind."""
     require("ip")
     tag = f"adr{os.getpid() % 100000}"
     names, ips = [f"{tag}h", f"{tag}w"], ["10.215.7.1", "10.215.7.2"]
@@ -299,11 +300,13 @@ def test_a_search_spreads_its_trials_over_a_two_node_ray_cluster(trained_checkpo
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "pareto.json").read_text())
-        per_node = report["timing"]["trials_per_node"]
-        assert set(per_node) == set(ips) and all(n >= 1 for n in per_node.values()), per_node
-        assert sum(per_node.values()) == report["timing"]["trials"] == 16
+        timing = report["timing"]  # one evaluation worker per node, each streaming half of every pass
+        assert sorted(w["node"] for w in timing["eval_workers"]) == ips and timing["passes"] == 1
+        assert [w["samples"] for w in timing["eval_workers"]] == [50, 50]
+        assert [w["samples"] for w in timing["report_pass"]["eval_workers"]] == [50, 50]
+        assert set(timing["trials_per_node"]) <= set(ips) and timing["masks"] == 16
         assert {c["node"] for c in report["candidates"]} <= set(ips)
-        assert "Ray: 16 trials in" in done.stdout and ips[1] in done.stdout
+        assert re.search(rf"samples per worker: ({ips[0]}|{ips[1]}) 50, ({ips[0]}|{ips[1]}) 50", done.stdout)
 
         for target, state in (("ray-worker-stop", worker_state), ("ray-head-stop", head_state)):
             done = _make(target, state=state)

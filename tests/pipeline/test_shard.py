@@ -44,11 +44,12 @@ def test_digits_shards_hold_exactly_the_stratified_split(tmp_path):
                    capture_output=True)
     digits = load_digits()
     train_idx, val_idx = train_test_split(np.arange(1797), test_size=0.2, stratify=digits.target, random_state=0)
-    for split, idx, n in (("train", train_idx, 1437), ("val", val_idx, 360)):
+    keys = {}
+    for split, n in (("train", 1437 - 180), ("minival", 180), ("val", 360)):
         manifest, samples = _all_samples(tmp_path, split)
         assert manifest["num_samples"] == n and len(samples) == n
         assert manifest["classes"] == [str(d) for d in range(10)] and manifest["num_classes"] == 10
-        assert set(samples) == {f"digit_{i:04d}" for i in idx}
+        keys[split] = set(samples)
         for key, fields in samples.items():
             i = int(key.split("_")[1])
             assert int(fields["cls"]) == digits.target[i]
@@ -57,6 +58,40 @@ def test_digits_shards_hold_exactly_the_stratified_split(tmp_path):
             small = np.asarray(image.convert("L").resize((8, 8), Image.BOX), dtype=float)
             assert np.corrcoef(small.ravel(), digits.images[i].ravel())[0, 1] > 0.9
         read_manifest(tmp_path, split, verify="sha256")
+    assert keys["val"] == {f"digit_{i:04d}" for i in val_idx}
+    assert keys["train"] | keys["minival"] == {f"digit_{i:04d}" for i in train_idx}
+    assert not keys["train"] & keys["minival"]
+
+
+def test_holdout_is_disjoint_stratified_and_the_same_after_a_restart(tmp_path):
+    """Check 4 of the search issue: minival is held out of train (by key, never in val), each class gets its
+    share (largest remainder), and an interrupted writer started again holds out the same samples."""
+    labels = [0] * 50 + [1] * 30 + [2] * 20  # 100 train samples, uneven classes
+    refs = [shard_module.SampleRef(f"s{i:03d}", c, "png", data=b"x") for i, c in enumerate(labels)]
+    kept, held = shard_module.holdout(refs, 10, seed=0)
+    assert len(held) == 10 and len(kept) == 90 and not {r.key for r in kept} & {r.key for r in held}
+    assert [sum(r.label == c for r in held) for c in range(3)] == [5, 3, 2]
+    kept_again, held_again = shard_module.holdout(list(reversed(refs)), 10, seed=0)  # input order is irrelevant
+    assert [r.key for r in held_again] == [r.key for r in held]
+    assert [r.key for r in shard_module.holdout(refs, 10, seed=1)[1]] != [r.key for r in held]
+    assert [sum(r.label == c for r in shard_module.holdout(refs, 7, seed=0)[1]) for c in range(3)] == [4, 2, 1]
+    with pytest.raises(DataError, match="--holdout must be between 0 and 99"):
+        shard_module.holdout(refs, 100, seed=0)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    cmd = ["digits", "--shard-size", "64", "--workers", "1"]  # the CLI's main, in this process
+    assert shard_module.main([*cmd, "--out", str(first)]) == 0
+    minival = json.loads((first / "minival.json").read_text())
+    assert minival["holdout"] == 180 and minival["holdout_of"] == "train"
+    (first / minival["shards"][1]["name"]).unlink()  # an interrupted writer: one shard missing
+    (first / "minival.json").unlink()
+    assert shard_module.main([*cmd, "--out", str(first)]) == 0
+    assert shard_module.main([*cmd, "--out", str(second)]) == 0
+    for split in ("train", "minival", "val"):
+        assert json.loads((first / f"{split}.json").read_text()) == json.loads((second / f"{split}.json").read_text())
+    _, held_samples = _all_samples(first, "minival")
+    digits = load_digits()
+    assert [sum(digits.target[int(k.split("_")[1])] == d for k in held_samples) for d in range(10)] == [18] * 10
 
 
 def _imagenet_tree(root, classes=("n01440764", "n01443537", "n09999999"), per_class=5):
@@ -102,14 +137,15 @@ def test_folder_tree_and_original_tars_give_identical_shards(tmp_path):
     archive = _archive(tmp_path / "tree", val_labels)
     for src, out in ((tmp_path / "tree", tmp_path / "a"), (archive, tmp_path / "b")):
         subprocess.run([sys.executable, "-m", "pipeline.data.shard", "imagenet", "--src", str(src), "--out", str(out),
-                        "--shard-size", "4", "--workers", "2"], check=True, capture_output=True)
-    for split in ("train", "val"):
+                        "--shard-size", "4", "--workers", "2", "--holdout", "3"], check=True, capture_output=True)
+    for split, n in (("train", 12), ("minival", 3), ("val", 15)):
         a, samples_a = _all_samples(tmp_path / "a", split)
         b, samples_b = _all_samples(tmp_path / "b", split)
-        assert a["shards"] == b["shards"] and a["classes"] == b["classes"] and a["num_samples"] == 15
+        assert a["shards"] == b["shards"] and a["classes"] == b["classes"] and a["num_samples"] == n
         assert samples_a == samples_b
+    assert sorted(v["cls"] for v in _all_samples(tmp_path / "a", "minival")[1].values()) == [b"0", b"1", b"2"]
     # the JPEG bytes are the original files, and labels index the sorted class list
-    _, samples = _all_samples(tmp_path / "a", "train")
+    samples = {**_all_samples(tmp_path / "a", "train")[1], **_all_samples(tmp_path / "a", "minival")[1]}
     original = (tmp_path / "tree" / "train" / "n01443537" / "n01443537_2.JPEG").read_bytes()
     assert samples["n01443537_2"] == {"jpg": original, "cls": b"1"}
     # train shards mix classes (shuffled with a seed), so a shuffle buffer sees every class early
@@ -154,6 +190,17 @@ def test_cli_errors_are_one_sentence(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.data.shard", "imagenet", "--src", str(tmp_path),
                              "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2 and "has no train/ or val/ folders" in result.stderr
+
     with pytest.raises(DataError, match="needs a labels file"):
         (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
         imagenet_samples(tmp_path, "val")
+
+
+def test_a_holdout_larger_than_the_train_split_is_one_sentence(tmp_path, capsys):
+    _imagenet_tree(tmp_path / "small", per_class=2)
+    with pytest.raises(SystemExit) as exit_info:
+        shard_module.main(["imagenet", "--src", str(tmp_path / "small"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--holdout must be between 0 and 5 (the train split has 6 samples), got 10000.")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())  # refused before writing

@@ -1,4 +1,5 @@
-"""`python -m search.pareto` on small trained checkpoints: the front, its accuracies, MLflow runs, samplers."""
+"""`python -m search.pareto` on small trained checkpoints: the front, its accuracies on the search split (the
+digits' minival) and the report split (val), batched passes, MLflow runs, samplers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.data.shard import main as shard_main
 from pipeline.evaluate import evaluate
 from search.accuracy import MaskEvaluator
 from search.latency import load_table, predict
-from search.pareto import Candidate, hypervolume, load_batches, pareto_front
+from search.pareto import Candidate, hypervolume, pareto_front
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,45 +91,50 @@ def test_front_is_non_dominated_and_holds_the_ends(cpu_search: dict) -> None:
         assert c["gflops"] > 0 and c["params_m"] > 0 and 0 <= c["acc1"] <= 1
 
 
-def test_reported_accuracy_equals_one_by_one_evaluation(cpu_search: dict, trained: Path, work: Path) -> None:
+def _one_by_one(trained: Path, work: Path, split: str, masks: list[str]) -> dict:
     model, meta = load_trained(trained)
-    loader = make_loader(work / "digits", "val", 100, {"data": meta["recipe"]["data"]}, rank=0, world_size=1,
+    loader = make_loader(work / "digits", split, 100, {"data": meta["recipe"]["data"]}, rank=0, world_size=1,
                          num_workers=0)
+    return evaluate(model, loader, masks)  # one full forward per mask and batch
+
+
+def test_reported_accuracy_equals_one_by_one_evaluation(cpu_search: dict, trained: Path, work: Path) -> None:
+    """Check 1: every candidate's accuracy on minival, and the front's on val, are `evaluate`'s, mask by mask;
+    check 3: the one pass's segment runs against one by one (2 batches of the 180 minival samples)."""
+    assert (cpu_search["search_split"], cpu_search["split"]) == ("minival", "val")
     masks = [c["mask"] for c in cpu_search["candidates"]]
-    reference = evaluate(model, loader, masks)  # one full forward per mask and batch
+    reference = _one_by_one(trained, work, "minival", masks)
     for c in cpu_search["candidates"]:
         assert c["acc1"] == reference[c["mask"]].acc1, c["mask"]
         assert c["acc5"] == reference[c["mask"]].acc5, c["mask"]
+    on_val = _one_by_one(trained, work, "val", [f["mask"] for f in cpu_search["front"]])
+    for f in cpu_search["front"]:
+        assert (f["val_acc1"], f["val_acc5"]) == (on_val[f["mask"]].acc1, on_val[f["mask"]].acc5), f["mask"]
+    assert all(c["val_acc1"] is None for c in cpu_search["candidates"] if c["mask"] not in on_val)
+    timing = cpu_search["timing"]
+    assert (timing["passes"], timing["masks_per_pass"], timing["trials"]) == (1, [16], 1)
+    assert (timing["segment_runs"], timing["segment_runs_one_by_one"]) == (2 * (2 + 4 + 8 + 16), 2 * 16 * 4)
+    assert timing["report_pass"]["masks_per_pass"] == [len(cpu_search["front"])]
+    assert [w["samples"] for w in timing["eval_workers"]] == [180]
 
 
-def test_search_streams_validation_shards_over_http(cpu_search: dict, trained: Path, work: Path) -> None:
-    """`--data http://...` (python -m http.server on 127.0.0.1): the same candidates as from the directory."""
+def test_two_workers_streaming_over_http_give_the_same_search(cpu_search: dict, trained: Path, work: Path) -> None:
+    """`--data http://...` (python -m http.server on 127.0.0.1) cut over `--eval-workers 2`: each worker streams
+    half of every pass, and the candidates and the front's val accuracies equal one worker's from the directory."""
     from ..daemons import http_server, require
 
     require("curl")
     with http_server(work / "digits") as url:
         done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", trained.name, "--data", url,
-                    "--out", "p-http", "--no-tracking")
+                    "--out", "p-http", "--no-tracking", "--eval-workers", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     over_http = json.loads((work / "p-http" / "pareto.json").read_text())
-    assert {c["mask"]: c["acc1"] for c in over_http["candidates"]} == {c["mask"]: c["acc1"]
-                                                                       for c in cpu_search["candidates"]}
-
-
-def test_shared_prefix_evaluation_gives_identical_logits_and_runs_fewer_segments(trained: Path, work: Path) -> None:
-    model, meta = load_trained(trained)
-    batches = load_batches(str(work / "digits"), "val", {"data": meta["recipe"]["data"]}, 120, 240)
-    shared = MaskEvaluator(model, batches, cache_bytes=0)
-    masks = model.masks()
-    assert shared.evaluate(masks) == evaluate(model, batches, masks)
-    assert shared.segment_runs == 2 * (2 + 4 + 8 + 16)  # per batch: one run per distinct prefix, not 16 x 4
-    cached = MaskEvaluator(model, batches)
-    cached.evaluate(masks[:8])
-    runs = cached.segment_runs
-    cached.evaluate(masks[8:])  # the other half shares no first-stage prefix with the first: no reuse there
-    assert cached.segment_runs - runs == 2 * (1 + 2 + 4 + 8)
-    cached.evaluate(masks)  # everything is cached now
-    assert cached.segment_runs - runs == 2 * (1 + 2 + 4 + 8)
+    assert [(c["mask"], c["acc1"], c["acc5"]) for c in over_http["candidates"]] == [
+        (c["mask"], c["acc1"], c["acc5"]) for c in cpu_search["candidates"]]
+    assert [(f["mask"], f["val_acc1"]) for f in over_http["front"]] == [(f["mask"], f["val_acc1"])
+                                                                       for f in cpu_search["front"]]
+    assert [w["samples"] for w in over_http["timing"]["eval_workers"]] == [90, 90]
+    assert [w["samples"] for w in over_http["timing"]["report_pass"]["eval_workers"]] == [180, 180]
 
 
 def test_mlflow_holds_the_parent_run_and_one_child_per_candidate(cpu_search: dict, work: Path) -> None:
@@ -148,6 +154,11 @@ def test_mlflow_holds_the_parent_run_and_one_child_per_candidate(cpu_search: dic
         assert child.data.metrics["acc1"] == pytest.approx(by_mask[mask]["acc1"])
         assert child.data.metrics["latency_ms"] == pytest.approx(by_mask[mask]["latency_ms"])
         assert child.data.metrics["gflops"] == pytest.approx(by_mask[mask]["gflops"])
+        if by_mask[mask]["val_acc1"] is None:
+            assert "val_acc1" not in child.data.metrics
+        else:  # front members carry the report split's accuracy too
+            assert child.data.metrics["val_acc1"] == pytest.approx(by_mask[mask]["val_acc1"])
+    assert parent.data.params["search_split"] == "minival" and parent.data.params["split"] == "val"
 
 
 def test_shipped_a100_estimate_works_with_json(trained: Path, work: Path) -> None:
@@ -175,11 +186,17 @@ def test_nsga2_over_blocks_with_30_percent_budget_nears_the_exhaustive_front(wor
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads((work / "p-blocks" / "pareto.json").read_text())
     assert found["sampler"] == "nsga2" and len(found["candidates"]) == budget  # distinct masks
+    timing = found["timing"]  # one pass per generation of 4 (the last one cut to the budget)
+    assert sum(timing["masks_per_pass"]) == budget and max(timing["masks_per_pass"]) == 4
+    print(f"NSGA-II over blocks: {timing['passes']} passes, {timing['segment_runs']} segment runs against "
+          f"{timing['segment_runs_one_by_one']} one by one")
+    assert timing["segment_runs"] < timing["segment_runs_one_by_one"]
 
-    # The exhaustive reference: every block mask, evaluated and predicted with the search's own table.
+    # The exhaustive reference: every block mask on the search split, predicted with the search's own table.
     table = load_table(found["table"]["path"])
-    batches = load_batches(str(work / "digits"), "val", {"data": meta["recipe"]["data"]}, 100, None)
-    accuracy = MaskEvaluator(model, batches).evaluate(masks)
+    loader = make_loader(work / "digits", found["search_split"], 100, {"data": meta["recipe"]["data"]}, rank=0,
+                         world_size=1, num_workers=0)
+    accuracy = MaskEvaluator(model).evaluate(loader, masks)
     exhaustive = [Candidate(str(m), accuracy[str(m)].acc1, predict(table, m), 0.0, 0.0) for m in masks]
     sampled = [Candidate(c["mask"], c["acc1"], c["latency_ms"], 0.0, 0.0) for c in found["candidates"]]
     for c in sampled:  # the search's numbers are the exhaustive evaluation's

@@ -3,6 +3,9 @@
 The copy drops the skipped blocks, keeps only the active norm of each switchable pair, folds
 batch norms into the convolution in front of them, and becomes an instance of the plain timm
 class again: its forward takes no mask, and ``torch.export`` / ONNX see a static graph.
+
+Files (``adn.export.files``, ``python -m adn.export``): the sub-network written as safetensors,
+TorchScript, ONNX or a ``torch.export`` program, loaded back and checked against the super-net.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import fx, nn
 
-from .masks import BlockMask, MaskLike, SkipMask, stage_view
-from .network import AdaptiveDepthMixin, SkippableSequential, plain_class
-from .norms import SwitchableNorm
+from ..masks import BlockMask, MaskLike, SkipMask, stage_view
+from ..network import AdaptiveDepthMixin, SkippableSequential, plain_class
+from ..norms import SwitchableNorm
 
 
 def export_subnet(model: nn.Module, mask: MaskLike = None, fold_bn: bool = True) -> nn.Module:
@@ -103,3 +106,8 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
     conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     conv.bias = nn.Parameter((bias - norm.running_mean) * scale + shift)
+
+
+from .files import FORMATS, Exported, export_file, load_subnet, save_subnet  # noqa: E402 (they use export_subnet)
+
+__all__ = ["FORMATS", "Exported", "export_file", "export_subnet", "fold_batch_norms", "load_subnet", "save_subnet"]

@@ -1,0 +1,65 @@
+"""``python -m adn.export``: write the sub-network of a trained ADN for a mask or a latency budget.
+
+    python -m adn.export --checkpoint runs/demo --mask TTFF --out slim.onnx
+    python -m adn.export --pareto runs/demo/pareto-cpu --max-latency-ms 1.2 --out slim.pt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .files import FORMATS, export_file, format_of
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, export, print what was written; one sentence and exit 2 on bad input."""
+    p = argparse.ArgumentParser(
+        prog="python -m adn.export", description="Write one sub-network of a trained ADN as a slim, plain model "
+        "(skipped blocks removed, one norm per pair, batch norms folded), check the file against the "
+        "super-net under that mask, and print its params and GFLOPs.")
+    p.add_argument("--checkpoint", help="weights.safetensors or a training output directory (default with "
+                                        "--pareto: the weights that search used)")
+    pick = p.add_mutually_exclusive_group(required=True)
+    pick.add_argument("--mask", help="skip mask (TTFF) or block mask")
+    pick.add_argument("--pareto", metavar="DIR", help="a search.pareto output: take the best front mask within "
+                                                      "--max-latency-ms")
+    p.add_argument("--max-latency-ms", type=float, help="latency budget for --pareto")
+    p.add_argument("--format", choices=list(FORMATS), help="default: from the --out extension (.safetensors, .pt, "
+                   ".onnx, .pt2); torchscript is deprecated in PyTorch 2, pt2 (torch.export) replaces it")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--check-batch", type=int, default=2, help="batch size of the export's example (default 2)")
+    args = p.parse_args(argv)
+    try:
+        fmt = args.format or format_of(args.out)
+        checkpoint, mask = args.checkpoint, args.mask
+        if args.pareto:
+            if args.max_latency_ms is None:
+                raise ValueError("--pareto needs --max-latency-ms, the budget to pick the mask for.")
+            from ..runtime import DepthSelector
+
+            mask = DepthSelector.from_file(args.pareto).select(args.max_latency_ms)
+            report = Path(args.pareto) / "pareto.json" if Path(args.pareto).is_dir() else Path(args.pareto)
+            checkpoint = checkpoint or json.loads(report.read_text()).get("weights")
+        elif args.max_latency_ms is not None:
+            raise ValueError("--max-latency-ms picks from a search: pass --pareto DIR with it, or --mask alone.")
+        if not checkpoint:
+            raise ValueError("pass --checkpoint (weights.safetensors or a training directory).")
+        from ..checkpoint import load_trained
+
+        model, meta = load_trained(checkpoint)
+        done = export_file(model, mask, args.out, fmt, model_name=meta["model"], classes=meta["classes"],
+                           resolution=meta["resolution"], batch_size=args.check_batch)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {done.path} ({done.fmt}): {meta['model']} under {done.mask}, {done.params / 1e6:.3f} M params, "
+          f"{done.gflops:.4f} GFLOPs at {meta['resolution']}x{meta['resolution']}; logits within "
+          f"{done.max_abs_diff:.1e} of the super-net under {done.mask}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
