@@ -1,11 +1,11 @@
 """Pareto search of skip masks: ``python -m search.pareto --target a100 --checkpoint runs/demo --data data/digits``.
 
-Each candidate mask is a Ray Tune trial with two objectives, top-1 on the search split and
-latency from the target's lookup table. Optuna picks the candidates through Ray Tune's
+Each candidate mask has two objectives, top-1 on the search split and latency from the
+target's lookup table. Optuna picks the candidates through Ray Tune's
 ``OptunaSearch``: the exhaustive grid when the space fits the budget, NSGA-II otherwise (or TPE).
-Trials do not evaluate: they ask one batcher actor, which answers the masks of all the trials
-running together with one streaming pass over the split, cut over evaluation workers
-(``search.evaluation``), sharing stage prefixes (``search.accuracy``). Masks are chosen on the
+A trial is one streaming pass over the split for a batch of Optuna's proposals (the grid, or one
+NSGA-II generation: ``search.batching``), cut over evaluation workers (``search.evaluation``) and
+sharing stage prefixes between the batch's masks (``search.accuracy``). Masks are chosen on the
 ``minival`` split held out of training when the data has one, and the front is then evaluated
 on the validation split in one more pass: both accuracies are reported. The front
 (non-dominated in accuracy vs latency) is printed and written to ``pareto.json`` and
@@ -187,7 +187,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, tuple[float, float, int]]]:
     """Run the Ray Tune + Optuna search on ``split``, then evaluate its front on ``report_split`` in one pass.
 
-    Returns each distinct mask's result (accuracy, latency, the Tune trial and node that ran it), timing
+    Returns each distinct mask's result (accuracy, latency, the node of the trial that ran it), timing
     figures, and the front's accuracy on the report split.
     """
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's console tables off; our progress bar instead
@@ -250,7 +250,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
         nodes[r.metrics["node"]] = nodes.get(r.metrics["node"], 0) + 1
         for mask, (acc1, acc5, samples) in json.loads(r.metrics["accuracy"]).items():
             results[mask] = {"acc1": acc1, "acc5": acc5, "samples": samples, "latency_ms": predict(table, mask),
-                             "trial": r.metrics["trial_id"], "node": r.metrics["node"]}
+                             "node": r.metrics["node"]}
     searched = summarize(passes)
     reported: dict[str, tuple[float, float, int]] = {}
     report: dict[str, Any] | None = None
