@@ -138,6 +138,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self.backoff_s, self.max_backoff_s, self.max_buffered = backoff_s, max_backoff_s, max_buffered
         self.dropped = 0  # metric values and other calls given up on
+        self.sender_cpu_s = 0.0  # CPU time the background sender spent on requests (it holds the GIL part of it)
         self._queue: deque[_Op] = deque()
         self._cv = threading.Condition()
         self._buffered = 0
@@ -278,11 +279,13 @@ class Tracker:
                     self._cv.wait()
                 group = self._next()
                 self._busy = True
+            cpu_start = time.thread_time()
             try:
                 self._send(group)
                 err = None
             except Exception as caught:  # transport or server error: keep the queue, retry below
                 err = caught
+            self.sender_cpu_s += time.thread_time() - cpu_start
             with self._cv:
                 if err is None or _permanent(err):
                     for op in group:

@@ -447,6 +447,7 @@ class Trainer:
             summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
                        "resolution": resolution, "masks": rows,
                        "timing": {"steps_run": self.steps_run, "step_s": self.step_time, "step_cpu_s": self.step_cpu,
+                                  "tracking_sender_cpu_s": self.tracker.sender_cpu_s,
                                   "steps_per_s": self.steps_run / self.step_time if self.step_time else None}}
             (self.output / "summary.json").write_text(json.dumps(summary, indent=1))
             for name in ("summary.json", WEIGHTS_NAME, "weights_ema.safetensors"):
