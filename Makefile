@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install  ## run the test suite (CPU only, a few minutes)
+test: install  ## run the test suite (CPU only; 20 to 30 minutes on 2 cores, daemons included)
 	$(PY) -m pytest -q
 
 demo: install  ## the whole path on the embedded digits: shards, train a small ADN into runs/demo, Pareto search on this CPU
