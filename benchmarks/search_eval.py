@@ -123,7 +123,7 @@ def _blocks(work: Path) -> None:
     run("pipeline.data.shard", "digits", "--out", "digits")
     run("pipeline.train", "--model", "resnet_mini_deep", "--data", "digits", "--output", "deep", "--epochs", "2",
         "--no-tracking", "--workers", "1")
-    run("search.pareto", "--target", "a100", "--checkpoint", "deep", "--data", "digits", "--space", "blocks",
+    run("search.pareto", "--target", "cpu", "--checkpoint", "deep", "--data", "digits", "--space", "blocks",
         "--sampler", "nsga2", "--budget", "38", "--no-tracking", "--out", "p-blocks")
     t = json.loads((work / "p-blocks" / "pareto.json").read_text())["timing"]
     print(f"\nresnet_mini_deep, block space (128 masks), NSGA-II, budget 38, on the digits' minival: "
