@@ -77,7 +77,7 @@ class BatchingSearcher(Searcher):
         picked: list[tuple[str, str]] = []
         masks: set[str] = set()
         repeats: list[tuple[str, str]] = []
-        for ask in range(10 * size):
+        for ask in range(10 * self.batch):  # a generation, however few masks the budget has left
             if len(masks) == size:
                 break
             sub = f"{trial_id}-{ask}"
