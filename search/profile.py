@@ -6,8 +6,10 @@ cost is the mean of what dropping it alone saves the super-net and what adding i
 base-net (timed in isolation on a hot input, the early high-resolution blocks looked up to 2x
 cheaper than in the network). What runs between parts is the end-to-end time of the super-net
 and base-net minus their parts. All of it is timed over interleaved rounds (each round times every
-item once, in a rotating order, so a slow spell of a shared machine lands on all of them alike),
-and medians are kept. On CUDA, times come from CUDA events around back-to-back calls after a
+item once, in a fresh random order, so a slow spell of a shared machine lands on all of them alike
+and no item always runs right after the same one), and medians are kept. A fixed order had timed
+a block's norm-skipped mode right after its kept mode, with its weights still in cache: the same
+compute looked 25-30 % cheaper, and a ResNet50 table was 11-14 % off at both ends of the mask range. On CUDA, times come from CUDA events around back-to-back calls after a
 synchronisation.
 
 ``--validate`` also times the whole network under every mask, as separate samples in the same
@@ -23,6 +25,7 @@ import datetime
 import json
 import math
 import platform
+import random
 import statistics
 import sys
 import time
@@ -87,13 +90,16 @@ class Timer:
 
     def interleaved(self, fns: dict[str, tuple[Callable[[], Any], float]], rounds: int, desc: str,
                     ) -> dict[str, float]:
-        """Median ms per call of each (function, burst ms); every round times each once, in a rotating order,
-        so a slow spell of a shared machine lands on all of them alike."""
+        """Median ms per call of each (function, burst ms); every round times each once, in a fresh random
+        order, so a slow spell of a shared machine lands on all of them alike and no item always follows the
+        one that warms its caches."""
         iters = {k: self.iterations(fn, target) for k, (fn, target) in fns.items()}
         samples: dict[str, list[float]] = {k: [] for k in fns}
-        names = list(fns)
-        for r in tqdm(range(rounds), desc=desc, leave=False, file=sys.stderr):
-            for k in names[r % len(names):] + names[: r % len(names)]:
+        order = random.Random(0)
+        for _ in tqdm(range(rounds), desc=desc, leave=False, file=sys.stderr):
+            names = list(fns)
+            order.shuffle(names)
+            for k in names:
                 samples[k].append(self._once(fns[k][0], iters[k]))
         return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -263,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, help="input size (default: the model's, 224 or 32)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier width (the head's cost)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for the forward (default: torch's, one per core); a CPU latency holds for the "
+                        "thread count it was measured with, and the table records it")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (medians are kept)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", help="write the table to this JSON file")
@@ -275,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.rounds < 3:
             raise ValueError(f"--rounds must be at least 3 for a median to mean anything, got {args.rounds}.")
+        if args.threads is not None:
+            if args.device != "cpu" or args.threads < 1:
+                raise ValueError(f"--threads sets CPU threads: give a count of at least 1 with --device cpu, "
+                                 f"got {args.threads} with --device {args.device}.")
+            torch.set_num_threads(args.threads)
         if args.save_as in LOCAL_TARGETS:
             raise ValueError(f"{args.save_as!r} names this machine's cache; pick a target name such as h100.")
         masks = list(SkipMask.all(skeleton(args.model).num_stages)) if args.validate else []

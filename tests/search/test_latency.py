@@ -31,9 +31,16 @@ def _profile(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("model", ["resnet50", "resnet_mini", "vit_mini"])
 def test_measured_table_predicts_every_mask_within_5_percent(model: str) -> None:
-    done = _profile("--model", model, "--device", "cpu", "--batch-size", "1", "--validate", "--json")
+    """The table's additive model against whole-network timings of all 16 masks.
+
+    One thread: on a 2-vCPU VM a 2-thread forward of ResNet50 drifted 25 % between two consecutive blocks of
+    15 runs (one thread: 1-3 %), so a busy neighbour decided a 2-thread check, not the table (CI once saw 23 %).
+    """
+    done = _profile("--model", model, "--device", "cpu", "--batch-size", "1", "--threads", "1", "--validate",
+                    "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
+    assert report["device"].endswith("(1 threads)")
     assert len(report["rows"]) == 16 and {r["mask"] for r in report["rows"]} == {str(m) for m in SkipMask.all(4)}
     assert report["mape"] <= 0.05, report
     assert report["max_error"] >= report["mape"]
@@ -153,3 +160,5 @@ def test_profile_cli_bad_input_is_one_sentence() -> None:
     assert done.returncode == 2 and done.stderr.strip().startswith("error: unknown model 'resnet_nope'")
     done = _profile("--model", "resnet_mini", "--device", "cuda")
     assert done.returncode == 2 and "no CUDA device" in done.stderr
+    done = _profile("--model", "resnet_mini", "--threads", "0")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --threads sets CPU threads")
