@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .masks import BlockMask, MaskLike, SkipMask, parse_any, stage_view
-from .norms import SwitchableNorm, make_switchable
+from .norms import KeptOnly, SwitchableNorm, make_switchable
 
 
 class SkippableSequential(nn.Sequential):
@@ -106,6 +106,7 @@ class AdaptiveDepthMixin:
     channel_dim: int = 1
     _skippable: tuple[SkippableSequential, ...]
     _switchable_norms: tuple[SwitchableNorm, ...]
+    _kept_only: tuple[KeptOnly, ...]
     #: the stage bit of each skippable block, in forward order (one entry per bit of a ``BlockMask``)
     block_stages: tuple[int, ...]
     _skip_mask: SkipMask | BlockMask
@@ -136,8 +137,8 @@ class AdaptiveDepthMixin:
 
     def _switch_to(self, mask: SkipMask | BlockMask) -> None:
         stages = stage_view(mask)
-        for norm in self._switchable_norms:
-            norm.skipped = stages[norm.bit]
+        for switch in (*self._switchable_norms, *self._kept_only):
+            switch.skipped = stages[switch.bit]
         for container in self._skippable:
             container.set_skip(mask)
         self._skip_mask = mask
@@ -183,6 +184,7 @@ def adaptify(model: nn.Module, cls: type[M], name: str) -> M:
     model.adn_name = name
     model._skippable = tuple(m for m in model.modules() if isinstance(m, SkippableSequential))
     model._switchable_norms = tuple(m for m in model.modules() if isinstance(m, SwitchableNorm))
+    model._kept_only = tuple(m for m in model.modules() if isinstance(m, KeptOnly))
     bits = {b for c in model._skippable for b in c.bits if b is not None}
     if not bits or bits != set(range(max(bits) + 1)):
         raise ValueError(f"{name}: skippable stage bits must be 0..S-1 with none missing, got {sorted(bits)}.")

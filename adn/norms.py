@@ -2,6 +2,7 @@
 
 The base-net sees different feature statistics than the super-net, so every norm in a
 mandatory block has two copies (DESIGN.md section 1). Switching is an attribute flip.
+``KeptOnly`` follows a stage bit the same way for a regulariser that only the kept mode uses.
 """
 
 from __future__ import annotations
@@ -46,3 +47,37 @@ def make_switchable(module: nn.Module, names: Iterable[str], bit: int) -> None:
         if isinstance(norm, SwitchableNorm):
             raise ValueError(f"{name} is already switchable; each norm follows one stage bit.")
         setattr(parent, child, SwitchableNorm(norm, bit))
+
+
+class KeptOnly(nn.Module):
+    """A module that runs while stage ``bit`` is kept and is the identity while it is skipped.
+
+    The official Swin-ADN turns stochastic depth off in the mandatory blocks of a skipped stage
+    (its ``SwinTransformerBlock.forward``, "No stochastic depths for base-net"); wrapping their
+    ``DropPath`` in this does the same. It holds no tensors, so state-dict keys do not change.
+    """
+
+    def __init__(self, module: nn.Module, bit: int) -> None:
+        super().__init__()
+        self.module = module
+        self.bit = bit
+        self.skipped = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.skipped else self.module(x)
+
+    @property
+    def active(self) -> nn.Module:
+        """What the current mask runs: the module, or an identity."""
+        return nn.Identity() if self.skipped else self.module
+
+    def extra_repr(self) -> str:
+        return f"bit={self.bit}"
+
+
+def make_kept_only(module: nn.Module, names: Iterable[str], bit: int) -> None:
+    """Wrap the named submodules of ``module`` in ``KeptOnly`` following ``bit``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, KeptOnly(getattr(parent, child), bit))

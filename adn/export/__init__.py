@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from ..masks import BlockMask, MaskLike, SkipMask, stage_view
 from ..network import AdaptiveDepthMixin, SkippableSequential, plain_class
-from ..norms import SwitchableNorm
+from ..norms import KeptOnly, SwitchableNorm
 
 
 def export_subnet(model: nn.Module, mask: MaskLike = None, fold_bn: bool = True) -> nn.Module:
@@ -29,7 +29,8 @@ def export_subnet(model: nn.Module, mask: MaskLike = None, fold_bn: bool = True)
     sub = copy.deepcopy(model).eval()
     _slim(sub, mask)
     sub.__class__ = plain_class(model)
-    for name in ("adn_name", "num_stages", "block_stages", "_skippable", "_switchable_norms", "_skip_mask"):
+    for name in ("adn_name", "num_stages", "block_stages", "_skippable", "_switchable_norms", "_kept_only",
+                 "_skip_mask"):
         sub.__dict__.pop(name, None)
     sub.adn_mask = str(mask)
     if fold_bn:
@@ -41,6 +42,8 @@ def _slim(module: nn.Module, mask: SkipMask | BlockMask) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, SwitchableNorm):
             child = child.norms[int(stage_view(mask)[child.bit])]
+        elif isinstance(child, KeptOnly):
+            child = nn.Identity() if stage_view(mask)[child.bit] else child.module
         elif isinstance(child, SkippableSequential):
             child = nn.Sequential(*child.kept_blocks(mask))
         setattr(module, name, child)

@@ -3,6 +3,7 @@
 The five inverted-residual stages with at least two blocks (2, 3, 4, 3, 3) are the skippable
 stages. Norms outside them switch too: the stem and the first (single-block) stage follow bit 1,
 the last (single-block) stage and the final 1x1 conv follow bit 5 (DESIGN.md section 1).
+Dropout 0.2 before the classifier, as the official model (torchvision's) has; timm's default is 0.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _block_norms(block: Any) -> tuple[str, ...]:
 @register_model
 def mobilenet_v2(pretrained: bool = False, **kwargs: Any) -> ADNMobileNetV2:
     """MobileNetV2-ADN, width 1.0."""
+    kwargs.setdefault("drop_rate", 0.2)
     model = timm.create_model("mobilenetv2_100", pretrained=pretrained, **kwargs)
     stages = list(model.blocks)
     multi = [i for i, stage in enumerate(stages) if len(stage) >= 2]

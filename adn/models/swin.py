@@ -1,7 +1,9 @@
 """Swin Transformer ADN (timm's SwinTransformer).
 
 Stages of 2, 2, 6, 2 blocks, the last 1, 1, 3, 1 skippable. Both LayerNorms of mandatory blocks
-switch, and so does the patch-merging norm in front of stage k, which follows bit k.
+switch, and so does the patch-merging norm in front of stage k, which follows bit k. As in the
+official Swin-ADN, a mandatory block drops no path while its stage is skipped (the base-net
+trains without stochastic depth); the rate is timm's and the official 0.1, linear over the blocks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from ..network import AdaptiveDepthMixin, adaptify, skippable, split_stage
-from ..norms import make_switchable
+from ..norms import make_kept_only, make_switchable
 from ..registry import register_model
 
 
@@ -36,5 +38,9 @@ def swin_t(pretrained: bool = False, **kwargs: Any) -> ADNSwinTransformer:
     for bit, stage in enumerate(model.layers):
         if not isinstance(stage.downsample, nn.Identity):
             make_switchable(stage.downsample, ["norm"], bit)
-        stage.blocks = skippable(split_stage(stage.blocks, bit, ("norm1", "norm2")))
+        pairs = split_stage(stage.blocks, bit, ("norm1", "norm2"))
+        for block, block_bit in pairs:
+            if block_bit is None:
+                make_kept_only(block, ("drop_path1", "drop_path2"), bit)
+        stage.blocks = skippable(pairs)
     return adaptify(model, ADNSwinTransformer, "swin_t")

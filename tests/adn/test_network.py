@@ -136,3 +136,44 @@ def test_gradient_checkpointing_keeps_the_mask():
         assert not any(k.startswith(("layer1.1.", "layer3.1.")) for k in grads)
         for k, g in grads.items():
             torch.testing.assert_close(g, reference["grads"][k])
+
+
+def test_swin_mandatory_blocks_drop_no_path_while_their_stage_is_skipped():
+    """The official Swin-ADN: stochastic depth off in the mandatory blocks of a skipped stage, on elsewhere."""
+    torch.manual_seed(0)
+    model = adn.create_model("swin_t", num_classes=10, drop_path_rate=0.5).train()
+    x = torch.randn(2, 3, 224, 224)
+
+    def twice(mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                outs.append(model(x, skip=mask))
+        return outs[0], outs[1]
+
+    assert torch.equal(*twice("TTTT"))  # the base-net trains without stochastic depth, as in the official code
+    assert not torch.equal(*twice("FFFF"))
+    assert not torch.equal(*twice("TTTF"))  # stage 4 kept: its mandatory block still drops paths
+    model.set_skip("TFFF")
+    first, second = model.layers[0].blocks[0], model.layers[1].blocks[0]
+    assert first.drop_path1.skipped and first.drop_path2.skipped
+    assert not second.drop_path1.skipped and not second.drop_path2.skipped
+    assert "drop_path" not in " ".join(k for k in model.state_dict())  # no new tensors, official keys unchanged
+    sub = adn.export_subnet(model, "TFFF", fold_bn=False)
+    assert not any(isinstance(m, adn.norms.KeptOnly) for m in sub.modules())
+
+
+def test_mobilenet_v2_has_the_official_classifier_dropout():
+    torch.manual_seed(0)
+    model = adn.create_model("mobilenet_v2", num_classes=10)
+    assert model.drop_rate == 0.2  # torchvision's MobileNetV2, which the official ADN code trains
+    features = torch.randn(4, 1280, 7, 7)
+    model.train()
+    torch.manual_seed(1)
+    a = model.forward_head(features)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model.forward_head(features))
+    model.eval()
+    assert torch.equal(model.forward_head(features), model.forward_head(features))
+    assert adn.create_model("mobilenet_v2", num_classes=10, drop_rate=0.0).drop_rate == 0.0
