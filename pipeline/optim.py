@@ -2,7 +2,10 @@
 
 Norm weights and biases get their own decay (0 in every paper recipe), as in torchvision's
 references (``--norm-weight-decay``, ``--bias-weight-decay``); so do the parameters a timm model
-names in ``no_weight_decay()`` (position embeddings, class token).
+names in ``no_weight_decay()`` (position embeddings, class token, relative position tables):
+``embedding_weight_decay``, 0 unless a recipe says otherwise (torchvision's
+``--transformer-embedding-decay``; the official ViT-b/16-ADN command leaves it unset, so there
+they decay as the weights do).
 The schedule is a ``LambdaLR`` stepped once per optimizer step, so a resumed run continues at
 the exact LR; epoch-based milestones and warm-up are converted to steps.
 """
@@ -20,7 +23,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalRe
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float | None = None,
-                 bias_weight_decay: float | None = None) -> list[dict[str, Any]]:
+                 bias_weight_decay: float | None = None, embedding_weight_decay: float = 0.0,
+                 ) -> list[dict[str, Any]]:
     """Split parameters into decay groups: weights, norm parameters, biases (and no-decay names)."""
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[str, list[nn.Parameter]] = {"default": [], "norm": [], "bias": [], "none": []}
@@ -36,7 +40,8 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
             groups["bias"].append(p)
         else:
             groups["default"].append(p)
-    decay = {"default": weight_decay, "norm": norm_weight_decay, "bias": bias_weight_decay, "none": 0.0}
+    decay = {"default": weight_decay, "norm": norm_weight_decay, "bias": bias_weight_decay,
+             "none": embedding_weight_decay}
     return [{"params": ps, "weight_decay": decay[k], "name": k} for k, ps in groups.items() if ps]
 
 
@@ -44,7 +49,7 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     """SGD (momentum, optional Nesterov) or AdamW from a recipe's ``optimizer`` section."""
     name = cfg["name"].lower()
     groups = param_groups(model, cfg.get("weight_decay", 0.0), cfg.get("norm_weight_decay"),
-                          cfg.get("bias_weight_decay"))
+                          cfg.get("bias_weight_decay"), cfg.get("embedding_weight_decay", 0.0))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9),
                                nesterov=cfg.get("nesterov", False))
