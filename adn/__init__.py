@@ -1,6 +1,7 @@
 """Adaptive Depth Networks: one network trained once whose depth is cut at test time by a skip mask."""
 
 from . import models  # noqa: F401  (registers the families)
+from .calibrate import calibrate_norms
 from .complexity import count_flops, count_params
 from .export import export_subnet
 from .masks import BlockMask, SkipMask
@@ -16,6 +17,7 @@ __all__ = [
     "SkipMask",
     "SkippableSequential",
     "SwitchableNorm",
+    "calibrate_norms",
     "count_flops",
     "count_params",
     "create_model",
