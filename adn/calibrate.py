@@ -4,9 +4,9 @@ Running statistics gathered during training mix augmented images and (for the no
 blocks and of stages after a skipped one) the feature distributions of other masks. Supernet work
 recalibrates them per sub-network before evaluating it (OFA's ``set_running_statistics``).
 ``calibrate_norms`` does that for one mask: it finds the batch norms that mask runs, resets their
-statistics and re-estimates them as a plain average over the given batches, with everything else
-in eval mode. Nothing else changes: weights, other norms' statistics and the model's mode are as
-before. LayerNorms keep no statistics, so ViT and Swin have nothing to calibrate (0 is returned).
+statistics and re-estimates them as an average over the given batches weighted by their sizes
+(the mean is then exactly the mean over all images), with everything else in eval mode. Nothing
+else changes: weights, other norms' statistics and the model's mode are as before. LayerNorms keep no statistics, so ViT and Swin have nothing to calibrate (0 is returned).
 """
 
 from __future__ import annotations
@@ -68,13 +68,14 @@ def calibrate_norms(model: nn.Module, mask: MaskLike, batches: Iterable[Any], ma
         model.eval()
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None  # a cumulative average: every batch weighs by its count, order does not matter
             m.train()
         batch: Any = first
         while batch is not None and (max_images is None or seen < max_images):
             x = _images(batch)
             if max_images is not None:
                 x = x[: max_images - seen]
+            for m in norms:  # running = (1 - w) running + w batch, w = this batch's share so far: a weighted mean
+                m.momentum = len(x) / (seen + len(x))
             model(x, skip=mask)
             seen += len(x)
             batch = next(it, None)

@@ -9,8 +9,8 @@ and base-net minus their parts. All of it is timed over interleaved rounds (each
 item once, in a fresh random order, so a slow spell of a shared machine lands on all of them alike
 and no item always runs right after the same one), and medians are kept. A fixed order had timed
 a block's norm-skipped mode right after its kept mode, with its weights still in cache: the same
-compute looked 25-30 % cheaper, and a ResNet50 table was 11-14 % off at both ends of the mask range. On CUDA, times come from CUDA events around back-to-back calls after a
-synchronisation.
+compute looked 25-30 % cheaper, and a ResNet50 table was 11-14 % off at both ends of the mask
+range. On CUDA, times come from CUDA events around back-to-back calls after a synchronisation.
 
 ``--validate`` also times the whole network under every mask, as separate samples in the same
 rounds (so both see the same machine), and compares them with ``search.latency.predict``:

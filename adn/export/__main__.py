@@ -2,6 +2,7 @@
 
     python -m adn.export --checkpoint runs/demo --mask TTFF --out slim.onnx
     python -m adn.export --pareto runs/demo/pareto-cpu --max-latency-ms 1.2 --out slim.pt2
+    python -m adn.export --checkpoint runs/demo --mask FFTF --calibrate-norms 512 --data data/digits --out slim.onnx
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .files import FORMATS, export_file, format_of
+
+CALIBRATION_BATCH = 128  # batch statistics normalise as they are gathered, so the batch size is part of the result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
                    ".onnx, .pt2); torchscript is deprecated in PyTorch 2, pt2 (torch.export) replaces it")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--check-batch", type=int, default=2, help="batch size of the export's example (default 2)")
+    p.add_argument("--calibrate-norms", type=int, metavar="N",
+                   help="first re-estimate the batch-norm statistics the mask uses from N training images of "
+                        "--data, through the validation transforms (adn.calibrate_norms)")
+    p.add_argument("--data", help="shards (directory or URL) whose train split --calibrate-norms reads")
     args = p.parse_args(argv)
     try:
+        if args.calibrate_norms is not None and (args.calibrate_norms < 1 or not args.data):
+            raise ValueError(f"--calibrate-norms takes a positive image count and --data with a train split, got "
+                             f"{args.calibrate_norms} images and --data {args.data or 'missing'}.")
         fmt = args.format or format_of(args.out)
         checkpoint, mask = args.checkpoint, args.mask
         if args.pareto:
@@ -50,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..checkpoint import load_trained
 
         model, meta = load_trained(checkpoint)
+        calibrated = _calibrate(model, meta, mask, args.data, args.calibrate_norms) if args.calibrate_norms else None
         done = export_file(model, mask, args.out, fmt, model_name=meta["model"], classes=meta["classes"],
                            resolution=meta["resolution"], batch_size=args.check_batch)
     except (ValueError, FileNotFoundError) as err:
@@ -57,8 +69,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {done.path} ({done.fmt}): {meta['model']} under {done.mask}, {done.params / 1e6:.3f} M params, "
           f"{done.gflops:.4f} GFLOPs at {meta['resolution']}x{meta['resolution']}; logits within "
-          f"{done.max_abs_diff:.1e} of the super-net under {done.mask}")
+          f"{done.max_abs_diff:.1e} of the super-net under {done.mask}"
+          + (f" (batch norms recalibrated: {calibrated})" if calibrated else ""))
     return 0
+
+
+def _calibrate(model: Any, meta: dict[str, Any], mask: str, data: str, images: int) -> str:
+    """Recalibrate the norms ``mask`` uses from the first ``images`` training images, validation transforms."""
+    from pipeline.data import make_loader
+
+    from ..calibrate import calibrate_norms
+
+    loader = make_loader(data, "train", min(images, CALIBRATION_BATCH), meta["recipe"], train=False, rank=0,
+                         world_size=1, num_workers=0, max_samples=images)
+    seen = 0
+
+    def counted() -> Any:
+        nonlocal seen
+        for batch in loader:
+            seen += len(batch[0])
+            yield batch
+
+    count = calibrate_norms(model, mask, counted(), max_images=images)
+    return f"{count} norms from {seen} training images" if count else "none, the model has no batch norms"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import adn
 from adn.checkpoint import save_weights
 from adn.export import FORMATS, load_subnet
-from adn.export.__main__ import main
+from adn.export.__main__ import CALIBRATION_BATCH, main
 
 from .families import randomize_norms
 
@@ -86,3 +86,37 @@ def test_bad_input_is_one_sentence(args: list[str], message: str, tmp_path: Path
     args = [str(tmp_path / a) if a.startswith("x.") or a == "nowhere" else a for a in args]
     code, _, stderr = _export(capsys, "--checkpoint", str(weights), *args)
     assert code == 2 and stderr.count("\n") == 1 and message in stderr
+
+
+def test_calibrated_export_carries_statistics_from_the_training_images(digits: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """`--calibrate-norms N --data DIR`: the file computes what ``calibrate_norms`` on the first N training
+    images (validation transforms) makes of the model, not what the saved statistics give."""
+    import yaml
+
+    from pipeline.data import make_loader
+
+    recipe = yaml.safe_load((ROOT / "pipeline" / "recipes" / "resnet_mini.yaml").read_text())
+    torch.manual_seed(0)
+    model = randomize_norms(adn.create_model("resnet_mini", num_classes=10)).eval()
+    weights = save_weights(model, tmp_path / "weights.safetensors", model_name="resnet_mini", classes=CLASSES,
+                           resolution=32, recipe=recipe)
+    out = tmp_path / "slim.safetensors"
+    code, stdout, stderr = _export(capsys, "--checkpoint", str(weights), "--mask", "FFTF", "--calibrate-norms", "200",
+                                   "--data", str(digits), "--out", str(out))
+    assert code == 0, stderr[-2000:]
+    assert "batch norms recalibrated:" in stdout and "from 200 training images" in stdout
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        saved = model(x, skip="FFTF")
+    loader = make_loader(digits, "train", CALIBRATION_BATCH, recipe, train=False, rank=0, world_size=1,
+                         num_workers=0, max_samples=200)
+    adn.calibrate_norms(model, "FFTF", loader, max_images=200)
+    with torch.no_grad():
+        expected = model(x, skip="FFTF")
+        got = load_subnet(out)(x)
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (got - saved).abs().max().item() > 1e-2  # the saved statistics are not what was written
+    code, _, stderr = _export(capsys, "--checkpoint", str(weights), "--mask", "FFTF", "--calibrate-norms", "200",
+                              "--out", str(out))
+    assert code == 2 and "--calibrate-norms takes a positive image count and --data" in stderr
