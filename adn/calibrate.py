@@ -6,7 +6,8 @@ recalibrates them per sub-network before evaluating it (OFA's ``set_running_stat
 ``calibrate_norms`` does that for one mask: it finds the batch norms that mask runs, resets their
 statistics and re-estimates them as an average over the given batches weighted by their sizes
 (the mean is then exactly the mean over all images), with everything else in eval mode. Nothing
-else changes: weights, other norms' statistics and the model's mode are as before. LayerNorms keep no statistics, so ViT and Swin have nothing to calibrate (0 is returned).
+else changes: weights, other norms' statistics and the model's mode are as before. LayerNorms
+keep no statistics, so ViT and Swin have nothing to calibrate (0 is returned).
 """
 
 from __future__ import annotations
