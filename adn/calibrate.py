@@ -12,7 +12,8 @@ keep no statistics, so ViT and Swin have nothing to calibrate (0 is returned).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -87,3 +88,21 @@ def calibrate_norms(model: nn.Module, mask: MaskLike, batches: Iterable[Any], ma
         model.set_skip(before)
         model.train(was_training)
     return len(norms)
+
+
+@contextlib.contextmanager
+def calibrated(model: nn.Module, mask: MaskLike, batches: Iterable[Any], max_images: int | None = None,
+               ) -> Iterator[int]:
+    """``calibrate_norms`` for the length of a ``with`` block: the saved statistics come back after it.
+
+    Evaluation calibrates each mask in turn without touching what training keeps or saves.
+    """
+    saved = {n: b.clone() for n, b in model.named_buffers()
+             if n.rpartition(".")[2] in ("running_mean", "running_var", "num_batches_tracked")}
+    try:
+        yield calibrate_norms(model, mask, batches, max_images)
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])

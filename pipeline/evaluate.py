@@ -33,9 +33,25 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, masks: Sequence[SkipMask | str], *,
              device: str | torch.device = "cpu", total: int | None = None, progress: bool = False,
-             desc: str = "eval") -> dict[str, Accuracy]:
-    """Accuracy of each mask over ``batches`` of (images, labels, ...), reduced across ranks when distributed."""
+             desc: str = "eval", calibration: Iterable | None = None,
+             calibration_images: int | None = None) -> dict[str, Accuracy]:
+    """Accuracy of each mask over ``batches`` of (images, labels, ...), reduced across ranks when distributed.
+
+    With ``calibration`` (a re-iterable source of training batches, e.g. a validation-transform
+    loader over the train split), each mask is evaluated in its own pass after ``adn.calibrate_norms``
+    re-estimated its batch-norm statistics from up to ``calibration_images`` of them; the model's
+    statistics are restored afterwards.
+    """
     masks = [str(m) for m in masks]
+    if calibration is not None:
+        from adn.calibrate import calibrated
+
+        result = {}
+        for mask in masks:
+            with calibrated(model, mask, calibration, calibration_images):
+                result.update(evaluate(model, batches, [mask], device=device, total=total, progress=progress,
+                                       desc=f"{desc} {mask}"))
+        return result
     was_training = model.training
     model.eval()
     counts = torch.zeros(len(masks), 3, dtype=torch.float64, device=device)

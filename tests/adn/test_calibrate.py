@@ -77,3 +77,41 @@ def test_layer_norm_models_have_nothing_to_calibrate() -> None:
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     assert adn.calibrate_norms(vit, "TTTT", [torch.randn(4, 3, 32, 32)]) == 0
     assert all(torch.equal(v, before[k]) for k, v in vit.state_dict().items())
+
+
+def test_calibrated_block_restores_the_statistics(model: nn.Module) -> None:
+    from adn.calibrate import calibrated
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = _batches()[0][0]
+    with calibrated(model, "FFTF", _batches()) as count:
+        assert count > 0
+        inside = model(x, skip="FFTF")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(inside, model(x, skip="FFTF"))
+
+
+def test_evaluation_switch_equals_calibrating_each_mask_by_hand(digits) -> None:
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.data import make_loader
+    from pipeline.evaluate import evaluate
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "pipeline/recipes/resnet_mini.yaml").read_text())
+    torch.manual_seed(0)
+    model = randomize_norms(adn.create_model("resnet_mini", num_classes=10)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    val = make_loader(digits, "val", 120, recipe, rank=0, world_size=1, num_workers=0)
+    train = make_loader(digits, "train", 100, recipe, train=False, rank=0, world_size=1, num_workers=0,
+                        max_samples=300)
+    got = evaluate(model, val, ["FFFF", "FTFT", "TTTT"], calibration=train, calibration_images=200)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    plain = evaluate(model, val, ["FFFF", "FTFT", "TTTT"])
+    for mask in ("FFFF", "FTFT", "TTTT"):
+        by_hand = copy.deepcopy(model)
+        adn.calibrate_norms(by_hand, mask, train, max_images=200)
+        assert got[mask] == evaluate(by_hand, val, [mask])[mask]
+    assert got != plain  # random norms: the calibrated statistics change what the masks score
