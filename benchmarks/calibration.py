@@ -51,16 +51,17 @@ def main() -> int:
     start = time.perf_counter()
     plain = evaluate(model, val, masks)
     plain_s = time.perf_counter() - start
-    calibrated_acc, calib_s, eval_s = {}, [], 0.0
+    calibrated_acc, calib_s, eval_s, counts = {}, [], 0.0, []
     for mask in tqdm(masks, desc="calibrate + evaluate", file=sys.stderr):
         start = time.perf_counter()
         with calibrated(model, mask, train, args.images) as count:
             calib_s.append(time.perf_counter() - start)
+            counts.append(count)
             start = time.perf_counter()
             calibrated_acc[mask] = evaluate(model, val, [mask])[mask]
             eval_s += time.perf_counter() - start
     print(f"{meta['model']} from {args.checkpoint}, {args.split} ({plain[masks[0]].samples} images); "
-          f"{count} batch norms per mask recalibrated from {args.images} training images")
+          f"{min(counts)} to {max(counts)} batch norms per mask recalibrated from {args.images} training images")
     print(f"{'mask':<8}{'top-1 saved stats':>19}{'calibrated':>12}{'gain':>8}")
     for m in masks:
         a, b = plain[m].acc1, calibrated_acc[m].acc1
