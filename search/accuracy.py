@@ -118,12 +118,16 @@ def reset_peak_rss() -> bool:
 
 def evaluate_split(model: nn.Module, data: str, split: str, recipe: dict[str, Any], masks: Iterable[MaskLike], *,
                    batch_size: int = 100, rank: int = 0, world_size: int = 1, max_samples: int | None = None,
-                   num_workers: int = 0, device: str | torch.device = "cpu") -> PassResult:
+                   num_workers: int = 0, device: str | torch.device = "cpu",
+                   calibrate_images: int | None = None) -> PassResult:
     """One streaming pass over part ``rank`` of ``world_size`` of a split, for all ``masks``.
 
     The validation loader cuts the split into contiguous sample ranges, so parts evaluated
     anywhere and merged count every sample exactly once. The result carries where it ran, how
-    many samples it saw and the peak memory of the pass.
+    many samples it saw and the peak memory of the pass. With ``calibrate_images``, each mask gets
+    its own pass after ``adn.calibrate_norms`` from the first N training images (validation
+    transforms; the same images on every worker, so the parts still add up exactly): the
+    shared prefixes are lost, as the segment runs show.
     """
     import socket
 
@@ -132,10 +136,24 @@ def evaluate_split(model: nn.Module, data: str, split: str, recipe: dict[str, An
     before, _ = rss_mib()
     reset = reset_peak_rss()
     start = time.perf_counter()
-    result = MaskEvaluator(model).run(loader, masks)
+    calibration_s = 0.0
+    if calibrate_images:
+        from adn.calibrate import calibrated
+
+        calibration = make_loader(data, "train", min(calibrate_images, 128), {"data": recipe["data"]}, train=False,
+                                  rank=0, world_size=1, num_workers=0, device=device, max_samples=calibrate_images)
+        result = PassResult({})
+        for mask in masks:
+            begin = time.perf_counter()
+            with calibrated(model, mask, calibration, calibrate_images):
+                calibration_s += time.perf_counter() - begin
+                result = result.join(MaskEvaluator(model).run(loader, [mask]))
+    else:
+        result = MaskEvaluator(model).run(loader, masks)
     now, peak = rss_mib()
     samples = next(iter(result.counts.values()))[2] if result.counts else 0
     result.workers.append({"host": socket.gethostname(), "pid": os.getpid(), "rank": rank, "samples": samples,
                            "bad_samples": loader.bad_samples, "wall_s": time.perf_counter() - start,
-                           "rss_before_mib": before, "peak_rss_mib": peak if reset else max(peak, now)})
+                           "rss_before_mib": before, "peak_rss_mib": peak if reset else max(peak, now),
+                           "calibration_s": calibration_s})
     return result

@@ -34,6 +34,15 @@ class PassResult:
                           self.forward_s + other.forward_s, self.batches + other.batches,
                           self.workers + other.workers)
 
+    def join(self, other: PassResult) -> PassResult:
+        """Passes over the same samples for different masks (each mask calibrated apart), as one result."""
+        if set(other.counts) & set(self.counts):
+            raise ValueError("only passes over different masks join.")
+        return PassResult({**self.counts, **other.counts}, self.segment_runs + other.segment_runs,
+                          self.segment_runs_one_by_one + other.segment_runs_one_by_one,
+                          self.forward_s + other.forward_s, self.batches + other.batches,
+                          self.workers + other.workers)
+
     def stats(self, wall_s: float) -> dict[str, Any]:
         """What a pass cost, for the search's report."""
         return {"masks": len(self.counts), "wall_s": wall_s, "segment_runs": self.segment_runs,

@@ -33,7 +33,8 @@ class EvalWorker:
     """One part of every pass: the model on this worker's device, streaming sample range ``rank`` of ``world_size``."""
 
     def __init__(self, weights: bytes, data: str, batch_size: int, rank: int, world_size: int, *,
-                 max_samples: int | None = None, loader_workers: int = 0, threads: int | None = None) -> None:
+                 max_samples: int | None = None, loader_workers: int = 0, threads: int | None = None,
+                 calibrate_images: int | None = None) -> None:
         import torch
 
         from adn.checkpoint import load_trained
@@ -45,6 +46,7 @@ class EvalWorker:
         self.recipe = meta["recipe"]
         self.data, self.batch_size, self.rank, self.world_size = data, batch_size, rank, world_size
         self.max_samples, self.loader_workers = max_samples, loader_workers
+        self.calibrate_images = calibrate_images
 
     def node(self) -> str:
         import ray
@@ -56,13 +58,15 @@ class EvalWorker:
 
         result = evaluate_split(self.model, self.data, split, self.recipe, masks, batch_size=self.batch_size,
                                 rank=self.rank, world_size=self.world_size, max_samples=self.max_samples,
-                                num_workers=self.loader_workers, device=self.device)
+                                num_workers=self.loader_workers, device=self.device,
+                                calibrate_images=self.calibrate_images)
         result.workers[-1]["node"] = self.node()
         return result
 
 
 def start_eval_workers(weights: Path, data: str, batch_size: int, max_samples: int | None,
-                       eval_workers: int | None, loader_workers: int | None) -> list[Any]:
+                       eval_workers: int | None, loader_workers: int | None,
+                       calibrate_images: int | None = None) -> list[Any]:
     """One worker per GPU of the cluster (else one per node), spread over the nodes, models loaded."""
     import ray
 
@@ -83,7 +87,7 @@ def start_eval_workers(weights: Path, data: str, batch_size: int, max_samples: i
     remote = ray.remote(EvalWorker)
     workers = [remote.options(num_cpus=1, num_gpus=1 if gpus else 0, scheduling_strategy="SPREAD").remote(
         blob, data, batch_size, rank, count, max_samples=max_samples, loader_workers=loader_workers,
-        threads=threads) for rank in range(count)]
+        threads=threads, calibrate_images=calibrate_images) for rank in range(count)]
     try:
         ray.get([w.node.remote() for w in workers])  # a model that does not load fails here, before any trial
     except Exception as err:  # noqa: BLE001 - Ray wraps the worker's exception; keep its last line

@@ -184,6 +184,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
                *, batch_size_eval: int = 100, max_samples: int | None = None, ray_address: str | None = None,
                seed: int = 0, out: Path, split: str = "val", report_split: str | None = None,
                eval_workers: int | None = None, loader_workers: int | None = None,
+               calibrate_images: int | None = None,
                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, tuple[float, float, int]]]:
     """Run the Ray Tune + Optuna search on ``split``, then evaluate its front on ``report_split`` in one pass.
 
@@ -217,7 +218,8 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
     if not ray.is_initialized():
         connect_ray(ray_address)
     data = parse_location(data).absolute()
-    workers = start_eval_workers(weights, data, batch_size_eval, max_samples, eval_workers, loader_workers)
+    workers = start_eval_workers(weights, data, batch_size_eval, max_samples, eval_workers, loader_workers,
+                                 calibrate_images)
     # A trial only hands its masks to the workers and waits: no CPU, only a light process's memory (Tune
     # refuses a trial without any resource).
     trainable = tune.with_resources(tune.with_parameters(batch_trial, workers=workers, split=split),
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     "cluster, else one per node)")
     p.add_argument("--loader-workers", type=int, help="decoding processes per evaluation worker (default: 0 on "
                                                       "CPU, up to 8 per GPU)")
+    p.add_argument("--calibrate-norms", type=int, metavar="N",
+                   help="re-estimate each mask's batch-norm statistics from the first N training images of --data "
+                        "before evaluating it (adn.calibrate_norms); each mask then takes its own pass")
     p.add_argument("--dtype", help="latency table dtype (default: the target's)")
     p.add_argument("--space", choices=("stages", "blocks"), default="stages")
     p.add_argument("--sampler", choices=("auto", "grid", "nsga2", "tpe"), default="auto",
@@ -420,7 +425,11 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--eval-workers must be at least 1, got {args.eval_workers}.")
     if args.loader_workers is not None and args.loader_workers < 0:
         raise ValueError(f"--loader-workers must be 0 or more, got {args.loader_workers}.")
+    if args.calibrate_norms is not None and args.calibrate_norms < 1:
+        raise ValueError(f"--calibrate-norms takes a positive number of training images, got {args.calibrate_norms}.")
     search_split = args.search_split or (HOLDOUT_SPLIT if has_split(args.data, HOLDOUT_SPLIT) else args.split)
+    if args.calibrate_norms and not has_split(args.data, "train"):
+        raise ValueError(f"--calibrate-norms reads the train split, and {args.data!r} has no train.json.")
     for split in dict.fromkeys((search_split, args.split)):
         manifest = read_manifest(args.data, split)
         if manifest.classes != classes:
@@ -477,7 +486,8 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     results, timing, reported = run_search(
         weights, args.data, table, num_bits, sampler, budget, batch_size_eval=args.eval_batch_size,
         max_samples=args.max_samples, ray_address=args.ray_address, seed=args.seed, out=out, split=search_split,
-        report_split=args.split, eval_workers=args.eval_workers, loader_workers=args.loader_workers)
+        report_split=args.split, eval_workers=args.eval_workers, loader_workers=args.loader_workers,
+        calibrate_images=args.calibrate_norms)
     model, _ = load_trained(weights)
     candidates = sorted((Candidate(mask, r["acc1"], r["latency_ms"], count_flops(model, mask, resolution) / 1e9,
                                    count_params(model, mask) / 1e6, r["acc5"], r["node"])
@@ -492,7 +502,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_name, "target": args.target, "table": {k: table.get(k) for k in (
             "method", "device", "dtype", "batch_size", "resolution", "source", "path")},
         "space": args.space, "sampler": sampler, "budget": budget, "weights": str(weights),
-        "search_split": search_split, "split": args.split,
+        "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms,
         "timing": timing, "front": [asdict(c) for c in front], "candidates": [asdict(c) for c in candidates],
         "best_within_budget": asdict(best) if best else None, "max_latency_ms": args.max_latency_ms,
         "mlflow_parent": tracker.run_id if tracker is not None else None,
@@ -504,7 +514,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
                   "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
                   "table_method": table["method"], "max_latency_ms": args.max_latency_ms,
-                  "search_split": search_split, "split": args.split}
+                  "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms}
         try:
             view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
         except Exception as err:  # the search's results are on disk already; MLflow only mirrors them

@@ -94,3 +94,24 @@ def test_memory_of_a_pass_does_not_grow_with_the_split(tmp_path: Path) -> None:
           f"{growth[1]:.1f} / {growth[4]:.1f} MiB (holding the split would add {held:.0f} MiB)")
     assert stats[4]["peak_rss_mib"] <= 1.10 * stats[1]["peak_rss_mib"]
     assert growth[4] <= growth[1] + held / 4
+
+
+def test_calibrated_pass_equals_calibrated_evaluation_and_parts_still_add_up(model, digits: Path) -> None:
+    """`calibrate_images`: each mask evaluated after calibrating it on the first N training images, exactly as
+    `pipeline.evaluate.evaluate(..., calibration=...)` does; every worker calibrates on the same images, so
+    two parts still sum to the whole. The model's own statistics are untouched."""
+    masks = ["FFFF", "TFTF", "TTTT"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    whole = evaluate_split(model, str(digits), "val", RECIPE, masks, batch_size=64, calibrate_images=100)
+    parts = [evaluate_split(model, str(digits), "val", RECIPE, masks, batch_size=64, rank=r, world_size=2,
+                            calibrate_images=100) for r in range(2)]
+    assert parts[0].merge(parts[1]).counts == whole.counts
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    val = make_loader(digits, "val", 64, RECIPE, rank=0, world_size=1, num_workers=0)
+    train = make_loader(digits, "train", 100, RECIPE, train=False, rank=0, world_size=1, num_workers=0,
+                        max_samples=100)
+    reference = evaluate(model, val, masks, calibration=train, calibration_images=100)
+    assert {m: tuple(c) for m, c in whole.counts.items()} == {
+        m: (round(a.acc1 * a.samples), round(a.acc5 * a.samples), a.samples) for m, a in reference.items()}
+    assert whole.segment_runs == whole.segment_runs_one_by_one == 6 * 3 * 4  # one pass per mask: nothing shared
+    assert whole.workers[0]["calibration_s"] > 0

@@ -137,6 +137,33 @@ def test_two_workers_streaming_over_http_give_the_same_search(cpu_search: dict, 
     assert [w["samples"] for w in over_http["timing"]["report_pass"]["eval_workers"]] == [180, 180]
 
 
+def test_calibrated_search_scores_each_mask_after_calibrating_it(cpu_search: dict, trained: Path,
+                                                                 work: Path) -> None:
+    """`--calibrate-norms 200`: every candidate's minival accuracy and the front's val accuracy are
+    `evaluate(..., calibration=...)`'s (200 training images, validation transforms), mask by mask."""
+    done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", trained.name, "--data", "digits",
+                "--out", "p-calibrated", "--no-tracking", "--calibrate-norms", "200")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((work / "p-calibrated" / "pareto.json").read_text())
+    assert report["calibrate_norms"] == 200
+    model, meta = load_trained(trained)
+    recipe = {"data": meta["recipe"]["data"]}
+    train = make_loader(work / "digits", "train", 128, recipe, train=False, rank=0, world_size=1, num_workers=0,
+                        max_samples=200)
+    loaders = {s: make_loader(work / "digits", s, 100, recipe, rank=0, world_size=1, num_workers=0)
+               for s in ("minival", "val")}
+    masks = [c["mask"] for c in report["candidates"]]
+    reference = evaluate(model, loaders["minival"], masks, calibration=train, calibration_images=200)
+    assert [(c["acc1"], c["acc5"]) for c in report["candidates"]] == [
+        (reference[m].acc1, reference[m].acc5) for m in masks]
+    front = [f["mask"] for f in report["front"]]
+    on_val = evaluate(model, loaders["val"], front, calibration=train, calibration_images=200)
+    assert [f["val_acc1"] for f in report["front"]] == [on_val[m].acc1 for m in front]
+    assert report["timing"]["segment_runs"] == report["timing"]["segment_runs_one_by_one"]
+    plain = {c["mask"]: c["acc1"] for c in cpu_search["candidates"]}
+    assert any(c["acc1"] != plain[c["mask"]] for c in report["candidates"])
+
+
 def test_mlflow_holds_the_parent_run_and_one_child_per_candidate(cpu_search: dict, work: Path) -> None:
     from mlflow import MlflowClient
 
@@ -226,6 +253,7 @@ def test_runtime_helper_picks_the_best_mask_within_a_budget(cpu_search: dict, wo
     (["--target", "a100", "--batch-size", "3"], "no table for resnet_mini batch 3"),
     (["--target", "a100", "--data", "WRONG"], "classes"),
     (["--target", "a100", "--data", "NOVAL"], "val.json"),
+    (["--target", "a100", "--calibrate-norms", "0"], "--calibrate-norms takes a positive number"),
 ])
 def test_bad_input_fails_before_ray_starts(args: list[str], message: str, trained: Path, work: Path) -> None:
     wrong = work / "wrong"
