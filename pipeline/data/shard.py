@@ -1,4 +1,4 @@
-"""Write WebDataset shards: ``python -m pipeline.data.shard imagenet|digits --out DIR``.
+"""Write WebDataset shards: ``python -m pipeline.data.shard imagenet|digits|digits-hard --out DIR``.
 
 Samples keep their original encoded bytes (``<key>.jpg`` or ``<key>.png``, and ``<key>.cls``).
 The plan (which sample goes to which shard) is fixed before anything is written: train samples
@@ -185,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     digits.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     digits.add_argument("--holdout", type=int, default=180, help="training images held out as the minival split, "
                         "stratified by class (default 180: 18 per digit; 0: none)")
-    for p in (imagenet, digits):
+    hard = sub.add_parser("digits-hard", help="the digits distorted (warps, elastic, clutter, occlusion, noise), "
+                          "fixed bytes: a task the small models do not saturate")
+    hard.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
+    hard.add_argument("--holdout", type=int, default=180, help="training images held out as the minival split, "
+                      "stratified by class (default 180: 18 per digit; 0: none)")
+    for p in (imagenet, digits, hard):
         p.add_argument("--out", required=True, help="output directory for the shards and manifests")
         p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")
         p.add_argument("--seed", type=int, default=0, help="seed of the train shuffle (and of the digits split)")
@@ -193,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shard_size < 1 or args.workers < 1:
         parser.error(f"--shard-size and --workers must be positive, got {args.shard_size} and {args.workers}.")
     try:
-        if args.source == "digits":
-            classes, splits = digits_samples(args.seed)
+        if args.source in ("digits", "digits-hard"):
+            classes, splits = digits_samples(args.seed, hard=args.source == "digits-hard")
             jobs = [(split, classes, refs) for split, refs in splits.items()]
         else:
             wanted = [args.split] if args.split else imagenet_splits(args.src)

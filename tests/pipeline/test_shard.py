@@ -204,3 +204,22 @@ def test_a_holdout_larger_than_the_train_split_is_one_sentence(tmp_path, capsys)
     assert capsys.readouterr().err.strip().endswith(
         "--holdout must be between 0 and 5 (the train split has 6 samples), got 10000.")
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())  # refused before writing
+
+
+def test_hard_digits_are_the_same_bytes_on_a_second_run_and_really_distorted(tmp_path):
+    """`digits-hard`: manifests and shard files identical across two runs (and worker counts); the images
+    are the digits' split and labels, but no longer the plain upsampled digits."""
+    for run, workers in (("a", "1"), ("b", "2")):
+        assert shard_module.main(["digits-hard", "--out", str(tmp_path / run), "--workers", workers]) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "minival.json" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _, plain = digits_samples(0)
+    _, hard = digits_samples(0, hard=True)
+    assert [(r.key, r.label) for r in hard["val"]] == [(r.key, r.label) for r in plain["val"]]
+    first_plain = np.asarray(Image.open(io.BytesIO(plain["val"][0].data)), dtype=np.float64)
+    first_hard = np.asarray(Image.open(io.BytesIO(hard["val"][0].data)), dtype=np.float64)
+    assert first_hard.shape == first_plain.shape == (32, 32, 3)
+    assert np.abs(first_hard - first_plain).mean() > 40  # colour, clutter, warps: far from the plain image
+    assert len({r.data for r in hard["train"]}) == len(hard["train"])
