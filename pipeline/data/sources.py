@@ -7,14 +7,13 @@ train tar-of-tars is one contiguous byte range of the outer file, read with a se
 
 from __future__ import annotations
 
-from typing import Any
-
 import csv
 import io
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .manifest import DataError
 
