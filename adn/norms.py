@@ -66,11 +66,6 @@ class KeptOnly(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.skipped else self.module(x)
 
-    @property
-    def active(self) -> nn.Module:
-        """What the current mask runs: the module, or an identity."""
-        return nn.Identity() if self.skipped else self.module
-
     def extra_repr(self) -> str:
         return f"bit={self.bit}"
 
