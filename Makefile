@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install  ## run the test suite (CPU only; 30 to 40 minutes on 2 cores, daemons included; prints the slowest)
+test: install  ## run the test suite (CPU only; 20 to 35 minutes on 2 cores, daemons included; prints the slowest)
 	$(PY) -m pytest -q --durations=15
 
 demo: install  ## the whole path on the embedded digits: shards, train a small ADN into runs/demo, Pareto search on this CPU
