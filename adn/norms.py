@@ -41,8 +41,7 @@ def make_switchable(module: nn.Module, names: Iterable[str], bit: int) -> None:
     The current weights go into both halves, so a pretrained norm starts both modes.
     """
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
+        parent, child = _parent(module, name)
         norm = getattr(parent, child)
         if isinstance(norm, SwitchableNorm):
             raise ValueError(f"{name} is already switchable; each norm follows one stage bit.")
@@ -73,6 +72,11 @@ class KeptOnly(nn.Module):
 def make_kept_only(module: nn.Module, names: Iterable[str], bit: int) -> None:
     """Wrap the named submodules of ``module`` in ``KeptOnly`` following ``bit``."""
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
+        parent, child = _parent(module, name)
         setattr(parent, child, KeptOnly(getattr(parent, child), bit))
+
+
+def _parent(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding dotted path ``name``, and the attribute name under it."""
+    parent_name, _, child = name.rpartition(".")
+    return (module.get_submodule(parent_name) if parent_name else module), child

@@ -30,7 +30,7 @@ def main() -> int:
     p.add_argument("--data", required=True, help="shards with a train split and --split")
     p.add_argument("--split", default="val")
     p.add_argument("--images", type=int, default=256, help="training images per calibration")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch (calibration: batches of 128)")
     args = p.parse_args()
 
     import torch
@@ -39,14 +39,13 @@ def main() -> int:
     from adn.calibrate import calibrated
     from adn.checkpoint import load_trained
     from pipeline.data import make_loader
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import calibration_loader, evaluate
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, meta = load_trained(args.checkpoint)
     recipe = meta["recipe"]
     val = make_loader(args.data, args.split, args.batch_size, recipe, rank=0, world_size=1, num_workers=0)
-    train = make_loader(args.data, "train", min(args.images, args.batch_size), recipe, train=False, rank=0,
-                        world_size=1, num_workers=0, max_samples=args.images)
+    train = calibration_loader(args.data, recipe, args.images)
     masks = [str(m) for m in model.masks()]
     start = time.perf_counter()
     plain = evaluate(model, val, masks)

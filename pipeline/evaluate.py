@@ -6,14 +6,27 @@ all-reduce are the exact accuracy over the whole split, whatever the world size.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from adn import SkipMask
+
+CALIBRATION_BATCH = 128  # batch statistics normalise as they are gathered, so the batch size is part of the result
+
+
+def calibration_loader(data: str | os.PathLike[str], recipe: dict[str, Any], images: int,
+                       device: str | torch.device = "cpu") -> Iterable:
+    """The first ``images`` training images through the validation transforms, the same on every rank and worker."""
+    from pipeline.data import make_loader
+
+    return make_loader(data, "train", min(images, CALIBRATION_BATCH), {"data": recipe["data"]}, train=False, rank=0,
+                       world_size=1, num_workers=0, device=device, max_samples=images)
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,9 @@ def evaluate_split(model: nn.Module, data: str, split: str, recipe: dict[str, An
     calibration_s = 0.0
     if calibrate_images:
         from adn.calibrate import calibrated
+        from pipeline.evaluate import calibration_loader
 
-        calibration = make_loader(data, "train", min(calibrate_images, 128), {"data": recipe["data"]}, train=False,
-                                  rank=0, world_size=1, num_workers=0, device=device, max_samples=calibrate_images)
+        calibration = calibration_loader(data, recipe, calibrate_images, device)
         result = PassResult({})
         for mask in masks:
             begin = time.perf_counter()

@@ -15,8 +15,6 @@ from typing import Any
 
 from .files import FORMATS, export_file, format_of
 
-CALIBRATION_BATCH = 128  # batch statistics normalise as they are gathered, so the batch size is part of the result
-
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, export, print what was written; one sentence and exit 2 on bad input."""
@@ -76,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _calibrate(model: Any, meta: dict[str, Any], mask: str, data: str, images: int) -> str:
     """Recalibrate the norms ``mask`` uses from the first ``images`` training images, validation transforms."""
-    from pipeline.data import make_loader
+    from pipeline.evaluate import calibration_loader
 
     from ..calibrate import calibrate_norms
 
-    loader = make_loader(data, "train", min(images, CALIBRATION_BATCH), meta["recipe"], train=False, rank=0,
-                         world_size=1, num_workers=0, max_samples=images)
+    loader = calibration_loader(data, meta["recipe"], images)
     seen = 0
 
     def counted() -> Any:

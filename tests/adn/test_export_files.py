@@ -17,7 +17,7 @@ import torch
 import adn
 from adn.checkpoint import save_weights
 from adn.export import FORMATS, load_subnet
-from adn.export.__main__ import CALIBRATION_BATCH, main
+from adn.export.__main__ import main
 
 from .families import randomize_norms
 
@@ -95,6 +95,7 @@ def test_calibrated_export_carries_statistics_from_the_training_images(digits: P
     import yaml
 
     from pipeline.data import make_loader
+    from pipeline.evaluate import CALIBRATION_BATCH
 
     recipe = yaml.safe_load((ROOT / "pipeline" / "recipes" / "resnet_mini.yaml").read_text())
     torch.manual_seed(0)
