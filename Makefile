@@ -7,7 +7,10 @@ MODEL  ?= resnet_mini
 DATA   ?= data/digits
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo train train-cluster system-deps bench lint clean \
+STUDY_EPOCHS ?= 24
+STUDY_JOBS   ?= 2
+
+.PHONY: help install test demo reproduce train train-cluster system-deps bench lint clean \
 	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
 
 help:  ## list the targets
@@ -31,6 +34,11 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \
 		--eval-all-masks --experiment adn-demo
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
+
+reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN), table and figure in runs/study
+	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
+	DS_ACCELERATOR=cpu $(PY) -m pipeline.study --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
+		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
 	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)

@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--experiment", default="adn-train", help="MLflow experiment name")
     g.add_argument("--run-name", help="MLflow run name (default: MODEL-MODE-NODESxRANKS, e.g. vit_b16-adn-8x8)")
     g.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    g.add_argument("--parent-run-id", help="make this MLflow run a child of that run (pipeline.study groups its "
+                                          "trainings so)")
     g.add_argument("--verify-replicas", action="store_true",
                    help="after every step, hash each rank's weights into OUTPUT/replicas/rank<R>.jsonl and stop "
                         "with an error if ranks differ")
@@ -329,7 +331,9 @@ class Trainer:
                                enabled=rank0 and not self.args.no_tracking, run_id=client.get("mlflow_run_id"),
                                tags={"adn.model": cfg["model"], "adn.mode": cfg["mode"], "adn.output": str(self.output),
                                      "mlflow.note.content": f"{cfg['model']} ({cfg['mode']}) trained on "
-                                                            f"{cfg['world_size']} ranks, output {self.output}"})
+                                                            f"{cfg['world_size']} ranks, output {self.output}",
+                                     **({"mlflow.parentRunId": self.args.parent_run_id}
+                                        if self.args.parent_run_id else {})})
         if rank0 and self.tracker.enabled:
             if not client:
                 import deepspeed

@@ -1,0 +1,455 @@
+"""The paper's claims, reproduced: ``python -m pipeline.study`` (``make reproduce``).
+
+For each seed it trains, with one recipe and one budget, the vanilla network (the super-net
+alone), the base-net alone and the ADN super-net: three ``pipeline.train`` processes, each a
+child MLflow run of the study's parent run. It then evaluates on the validation split every
+mask of the ADN super-net; every mask of the vanilla network with naive skipping (the blocks
+dropped, the one set of norms it was trained with); the base-net alone; and, with
+``--calibrate-norms N``, every ADN mask again after ``adn.calibrate_norms`` re-estimated its
+batch-norm statistics from N training images. It writes the paper's table (``study.md``,
+``study.json``: rows ADN FF..F, ADN TT..T, vanilla, base alone; mean and spread over seeds) and
+its Figure (b) (``study.png``: top-1 against GFLOPs), and states which of the paper's three
+claims hold. A study interrupted and run again with the same flags reuses finished trainings
+and resumes an unfinished one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from adn.checkpoint import WEIGHTS_NAME, load_trained
+from adn.complexity import mask_costs
+from adn.norms import SwitchableNorm
+
+from .checkpoint import CHECKPOINTS
+from .data import DataError, read_manifest
+from .data.storage import parse_location
+from .recipes import list_recipes, load_recipe
+from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
+
+MODES = ("vanilla", "base", "adn")
+ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla": "vanilla (super-net alone)",
+             "base_alone": "base-net alone"}
+#: what a claim compares the trainings by (the run's config must match these to be reused)
+REUSE_KEYS = ("model", "recipe", "mode", "epochs", "seed", "data_dir", "max_steps")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.study", description=__doc__.split("\n\n")[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="data/digits-hard",
+                   help="shards with train.json and val.json (make reproduce writes the digits-hard task there)")
+    p.add_argument("--model", default="resnet_mini", help="ADN model; the recipe named after it is used")
+    p.add_argument("--recipe", help=f"shipped recipe ({', '.join(list_recipes())}) or a YAML file")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one training of each kind per seed")
+    p.add_argument("--epochs", type=int, help="the budget of every training (default: the recipe's)")
+    p.add_argument("--max-steps", type=int, help="stop every training after this many steps (smoke runs)")
+    p.add_argument("--calibrate-norms", type=int, default=512, metavar="N",
+                   help="also evaluate every ADN mask after re-estimating its norm statistics from N training "
+                        "images (0: off)")
+    p.add_argument("--out", default="runs/study", help="directory for the trainings, table and figure")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings run at once, each with OMP_NUM_THREADS = cores / jobs unless that is set (on a "
+                        "2-core CPU 2 jobs of 1 thread finish sooner than 1 of 2: the per-step Python is serial)")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of each training")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default="adn-study", help="MLflow experiment of the parent and child runs")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    return p.parse_args(argv)
+
+
+def naive_skipping(model: torch.nn.Module) -> torch.nn.Module:
+    """Make a network trained without ADN skip naively: every switchable norm uses its kept-mode copy.
+
+    A vanilla training never runs a skipped mask, so the skipped-mode copies hold their
+    initial values; a plain network has one set of norms, the kept one, whatever is skipped.
+    """
+    for module in model.modules():
+        if isinstance(module, SwitchableNorm):
+            module.norms[1].load_state_dict(module.norms[0].state_dict())
+    return model
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one seed), min and max of per-seed top-1s, in percent."""
+    pct = [100 * v for v in values]
+    return {"mean": statistics.fmean(pct), "std": statistics.stdev(pct) if len(pct) > 1 else 0.0,
+            "min": min(pct), "max": max(pct), "seeds": len(pct)}
+
+
+class Study:
+    """The trainings of one study directory and what is computed from them."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out)
+        self.recipe_name = args.recipe or args.model
+        self.recipe = load_recipe(self.recipe_name)
+        self.epochs = args.epochs or self.recipe["epochs"]
+        self.data = str(args.data)
+        self.tracker: Tracker | None = None
+        self.timing: dict[str, float] = {}
+        self.threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # per training, when running --jobs at once
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def train_all(self, jobs: list[tuple[int, str]]) -> None:
+        """Run the trainings ``--jobs`` at a time, longest first; the first failure stops the others."""
+        cost = {"adn": 0, "vanilla": 1, "base": 2}  # an ADN step runs both passes
+        order = sorted(jobs, key=lambda job: (cost[job[1]], job[0]))
+        bar = tqdm(total=len(jobs), desc="study", unit="training", dynamic_ncols=True)
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            futures = {pool.submit(self.train, seed, mode): (seed, mode) for seed, mode in order}
+            try:
+                for future in as_completed(futures):
+                    seed, mode = futures[future]
+                    summary = future.result()
+                    line = ", ".join(f"{r['mask']} {r['acc1']:.2%}" for r in summary["masks"] if r["acc1"] is not None)
+                    tqdm.write(f"seed {seed} {mode}: {line}")
+                    bar.update(1)
+            except BaseException:
+                with self.lock:
+                    self.stopping = True
+                    for proc in self.procs:
+                        proc.terminate()
+                for future in futures:
+                    future.cancel()
+                raise
+            finally:
+                bar.close()
+
+    # -- trainings ------------------------------------------------------------------------------
+    def run_dir(self, seed: int, mode: str) -> Path:
+        return self.out / f"seed{seed}" / mode
+
+    def state(self, seed: int, mode: str) -> str:
+        """'done', 'resume' or 'new'; a directory trained with other settings is an error."""
+        run = self.run_dir(seed, mode)
+        if not (run / "config.yaml").is_file():
+            return "new"
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        want = {"model": self.args.model, "recipe": str(self.recipe_name), "mode": mode, "epochs": self.epochs,
+                "seed": seed, "data_dir": parse_location(self.data).absolute(), "max_steps": self.args.max_steps}
+        differ = [k for k in REUSE_KEYS if cfg.get(k) != want[k]]
+        if differ:
+            raise ValueError(f"{str(run)!r} holds a training with other settings ({', '.join(differ)}); "
+                             "choose another --out or remove it.")
+        if (run / "summary.json").is_file() and (run / WEIGHTS_NAME).is_file():
+            return "done"
+        return "resume" if (run / CHECKPOINTS / "latest").exists() else "new"
+
+    def train(self, seed: int, mode: str) -> dict[str, Any]:
+        """Run (or resume, or reuse) one training; returns its summary.json."""
+        run, state = self.run_dir(seed, mode), self.state(seed, mode)
+        if state != "done":
+            cmd = [sys.executable, "-m", "pipeline.train", "--model", self.args.model, "--recipe",
+                   str(self.recipe_name), "--data", self.data, "--mode", mode, "--epochs", str(self.epochs),
+                   "--seed", str(seed), "--output", str(run), "--workers", str(self.args.workers),
+                   "--run-name", f"{mode}-seed{seed}", "--experiment", self.args.experiment]
+            if self.args.max_steps:
+                cmd += ["--max-steps", str(self.args.max_steps)]
+            if self.tracker is not None and self.tracker.enabled:
+                cmd += ["--tracking-uri", self.tracker.uri, "--parent-run-id", str(self.tracker.run_id)]
+            else:
+                cmd += ["--no-tracking"]
+            if state == "resume":
+                cmd += ["--resume"]
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            env.setdefault("OMP_NUM_THREADS", str(self.threads))
+            if not torch.cuda.is_available():
+                env.setdefault("DS_ACCELERATOR", "cpu")
+            run.parent.mkdir(parents=True, exist_ok=True)
+            log = run.parent / f"{mode}.log"
+            start = time.perf_counter()
+            with open(log, "a") as out:
+                with self.lock:
+                    if self.stopping:
+                        raise RuntimeError("stopped")
+                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                    self.procs.add(proc)
+                code = proc.wait()
+                with self.lock:
+                    self.procs.discard(proc)
+            self.timing[f"seed{seed}/{mode}"] = time.perf_counter() - start
+            if code != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                raise RuntimeError(f"the {mode} training of seed {seed} failed (exit {code}): {tail[0]}; "
+                                   f"its log is {log}.")
+        return json.loads((run / "summary.json").read_text())
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate_seed(self, seed: int, device: torch.device) -> dict[str, dict[str, float]]:
+        """Top-1 of every mask: ADN, ADN calibrated, vanilla naively skipped, base alone (fractions)."""
+        from search.accuracy import evaluate_split  # shares the stage prefixes of masks: the search's evaluator
+
+        found: dict[str, dict[str, float]] = {}
+        for mode in MODES:
+            model, meta = load_trained(self.run_dir(seed, mode), map_location=device)
+            recipe = meta["recipe"]
+            masks = [model.masks()[-1]] if mode == "base" else model.masks()
+            if mode == "vanilla":
+                naive_skipping(model)
+            rates = evaluate_split(model, self.data, "val", recipe, masks, device=device).rates()
+            found[mode] = {m: r[0] for m, r in rates.items()}
+            if mode == "adn" and self.args.calibrate_norms:
+                rates = evaluate_split(model, self.data, "val", recipe, masks, device=device,
+                                       calibrate_images=self.args.calibrate_norms).rates()
+                found["adn_calibrated"] = {m: r[0] for m, r in rates.items()}
+            if mode == "adn":
+                resolution = int(recipe["data"]["val_crop"])
+                self.costs = {str(c.mask): {"gflops": c.gflops, "params_m": c.params_m}
+                              for c in mask_costs(model, resolution)}
+                self.super_mask, self.base_mask = str(masks[0]), str(masks[-1])
+        return found
+
+    # -- report ---------------------------------------------------------------------------------
+    def report(self, per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
+        seeds = sorted(per_seed)
+        sup, base = self.super_mask, self.base_mask
+
+        def over_seeds(kind: str, mask: str) -> dict[str, float]:
+            return spread([per_seed[s][kind][mask] for s in seeds])
+
+        rows = {
+            "adn_super": {"mask": sup, **self.costs[sup], "top1": over_seeds("adn", sup)},
+            "adn_base": {"mask": base, **self.costs[base], "top1": over_seeds("adn", base)},
+            "vanilla": {"mask": sup, **self.costs[sup], "top1": over_seeds("vanilla", sup)},
+            "base_alone": {"mask": base, **self.costs[base], "top1": over_seeds("base", base)},
+        }
+        masks = {}
+        for mask, cost in self.costs.items():
+            entry: dict[str, Any] = {**cost, "adn": over_seeds("adn", mask), "naive": over_seeds("vanilla", mask)}
+            if "adn_calibrated" in per_seed[seeds[0]]:
+                entry["adn_calibrated"] = over_seeds("adn_calibrated", mask)
+            masks[mask] = entry
+        classes = len(read_manifest(self.data, "val").classes)
+        return {"model": self.args.model, "recipe": str(self.recipe_name), "data": self.data, "epochs": self.epochs,
+                "max_steps": self.args.max_steps, "seeds": seeds, "calibrate_norms": self.args.calibrate_norms,
+                "super_mask": sup, "base_mask": base, "rows": rows, "masks": masks,
+                "claims": claims(rows, masks, sup, base, 100 / classes),
+                "calibration": calibration_effect(masks, sup, base) if self.args.calibrate_norms else None,
+                "per_seed": {str(s): per_seed[s] for s in seeds}}
+
+
+def claims(rows: dict[str, Any], masks: dict[str, Any], sup: str, base: str, chance: float) -> list[dict[str, Any]]:
+    """The paper's three claims, each with the numbers that decide it (means over seeds, in percent)."""
+    adn_sup, adn_base = rows["adn_super"]["top1"]["mean"], rows["adn_base"]["top1"]["mean"]
+    vanilla, alone = rows["vanilla"]["top1"]["mean"], rows["base_alone"]["top1"]["mean"]
+    naive = masks[base]["naive"]["mean"]
+    # "collapses": the naively skipped base-net loses at least half of the vanilla network's accuracy above chance;
+    # "does not": ADN's base-net keeps at least 90 % of its super-net's accuracy above chance.
+    naive_kept = (naive - chance) / max(vanilla - chance, 1e-9)
+    adn_kept = (adn_base - chance) / max(adn_sup - chance, 1e-9)
+    return [
+        {"claim": "ADN super-net >= vanilla", "holds": adn_sup >= vanilla,
+         "evidence": f"ADN {sup} {adn_sup:.2f} vs vanilla {vanilla:.2f} ({adn_sup - vanilla:+.2f})"},
+        {"claim": "ADN base-net > base-net alone", "holds": adn_base > alone,
+         "evidence": f"ADN {base} {adn_base:.2f} vs base alone {alone:.2f} ({adn_base - alone:+.2f})"},
+        {"claim": "naive skipping of the vanilla network collapses, ADN's base-net does not",
+         "holds": naive_kept <= 0.5 and adn_kept >= 0.9,
+         "evidence": f"vanilla skipped to {base}: {naive:.2f} (keeps {naive_kept:.0%} of its accuracy above chance "
+                     f"{chance:.0f}; collapse: <= 50 %); ADN {base} keeps {adn_kept:.0%} of the super-net's "
+                     f"(holds: >= 90 %)"},
+    ]
+
+
+def calibration_effect(masks: dict[str, Any], sup: str, base: str) -> dict[str, Any]:
+    """Mean top-1 change from calibrating norms: over the masks in between super and base, and at both ends."""
+    def gain(mask: str) -> float:
+        return masks[mask]["adn_calibrated"]["mean"] - masks[mask]["adn"]["mean"]
+
+    between = [m for m in masks if m not in (sup, base)]
+    gains = sorted(gain(m) for m in between)
+    return {"between_median_gain": statistics.median(gains) if gains else 0.0,
+            "between_improved": sum(g > 0 for g in gains), "between_masks": len(gains),
+            "super_gain": gain(sup), "base_gain": gain(base)}
+
+
+def _pm(cell: dict[str, float]) -> str:
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The paper's table, every mask, and the claims, as Markdown."""
+    seeds = len(result["seeds"])
+    lines = [f"# ADN study: {result['model']} on {result['data']}", "",
+             f"{seeds} seed(s) ({', '.join(map(str, result['seeds']))}), recipe {result['recipe']}, "
+             f"{result['epochs']} epochs each; top-1 on the validation split as mean ± standard deviation over "
+             "seeds.", "",
+             "| network | mask | params (M) | GFLOPs | top-1 (%) |", "|---|---|---:|---:|---:|"]
+    for key, row in result["rows"].items():
+        lines.append(f"| {ROW_NAMES[key]} | {row['mask']} | {row['params_m']:.3f} | {row['gflops']:.4f} | "
+                     f"{_pm(row['top1'])} |")
+    calibrated = result["calibrate_norms"] and "adn_calibrated" in next(iter(result["masks"].values()))
+    head = "| mask | params (M) | GFLOPs | ADN | vanilla, naive skipping |"
+    rule = "|---|---:|---:|---:|---:|"
+    if calibrated:
+        head += f" ADN, norms calibrated ({result['calibrate_norms']} images) |"
+        rule += "---:|"
+    lines += ["", "## Every mask (top-1 %)", "", head, rule]
+    for mask, m in sorted(result["masks"].items(), key=lambda kv: -kv[1]["gflops"]):
+        line = f"| {mask} | {m['params_m']:.3f} | {m['gflops']:.4f} | {_pm(m['adn'])} | {_pm(m['naive'])} |"
+        if calibrated:
+            line += f" {_pm(m['adn_calibrated'])} |"
+        lines.append(line)
+    lines += ["", "## The paper's claims", ""]
+    for c in result["claims"]:
+        lines.append(f"- **{'holds' if c['holds'] else 'does not hold'}**: {c['claim']}. {c['evidence']}.")
+    if result.get("calibration"):
+        cal = result["calibration"]
+        lines += ["", "## Norm calibration", "",
+                  f"Over the {cal['between_masks']} masks between super-net and base-net, calibration changed top-1 "
+                  f"by a median {cal['between_median_gain']:+.2f} points and improved {cal['between_improved']} of "
+                  f"them; super-net {cal['super_gain']:+.2f}, base-net {cal['base_gain']:+.2f}."]
+    if result.get("timing"):
+        lines += ["", f"Wall time: {result['timing']['total_s'] / 60:.1f} min "
+                      f"(trainings {result['timing']['train_s'] / 60:.1f} min)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Figure (b): top-1 against GFLOPs, ADN's masks, the naive-skipping curve and the two baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = sorted(result["masks"].items(), key=lambda kv: kv[1]["gflops"])
+    gflops = [m["gflops"] for _, m in masks]
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ax.errorbar(gflops, [m["naive"]["mean"] for _, m in masks], yerr=[m["naive"]["std"] for _, m in masks],
+                fmt="--^", color="0.5", ms=5, capsize=2, label="vanilla, naive skipping")
+    ax.errorbar(gflops, [m["adn"]["mean"] for _, m in masks], yerr=[m["adn"]["std"] for _, m in masks],
+                fmt="o", color="C0", ms=6, capsize=2, label="ADN, every mask")
+    if "adn_calibrated" in masks[0][1]:
+        ax.errorbar(gflops, [m["adn_calibrated"]["mean"] for _, m in masks],
+                    yerr=[m["adn_calibrated"]["std"] for _, m in masks], fmt="s", mfc="none", color="C1", ms=6,
+                    capsize=2, label=f"ADN, norms calibrated ({result['calibrate_norms']} images)")
+    for key, color, marker in (("vanilla", "C3", "*"), ("base_alone", "C2", "*")):
+        row = result["rows"][key]
+        ax.errorbar([row["gflops"]], [row["top1"]["mean"]], yerr=[row["top1"]["std"]], fmt=marker, color=color,
+                    ms=14, capsize=3, label=ROW_NAMES[key])
+    for key in ("adn_super", "adn_base"):
+        row = result["rows"][key]
+        ax.annotate(row["mask"], (row["gflops"], row["top1"]["mean"]), textcoords="offset points", xytext=(6, -10),
+                    fontsize=8, color="C0")
+    ax.set_xlabel("GFLOPs")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{result['model']}: {len(result['seeds'])} seed(s), {result['epochs']} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every bad input as one sentence before anything trains."""
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}.")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
+    if args.calibrate_norms < 0:
+        raise ValueError(f"--calibrate-norms takes a number of images (0: off), got {args.calibrate_norms}.")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds repeats a seed: {args.seeds}.")
+    read_manifest(args.data, "train")
+    read_manifest(args.data, "val")
+
+
+def parent_run(args: argparse.Namespace, study: Study) -> Tracker:
+    """The study's MLflow run; a study run again in the same --out continues its parent run."""
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    saved = study.out / "run.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else {}
+    run_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
+    tracker = Tracker(uri, args.experiment, f"study-{args.model}-{study.epochs}ep", run_id=run_id,
+                      tags={"adn.model": args.model, "adn.study": "paper-claims",
+                            "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, "
+                                                   f"{study.epochs} epochs; child runs are its trainings"})
+    if run_id is None:
+        tracker.log_params({"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
+                            "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
+                            "calibrate_norms": args.calibrate_norms})
+        saved.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
+                                     "experiment": args.experiment}, indent=1))
+    return tracker
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    study: Study | None = None
+    try:
+        check_args(args)
+        study = Study(args)
+        jobs = [(seed, mode) for seed in args.seeds for mode in MODES]
+        for seed, mode in jobs:
+            study.state(seed, mode)  # a directory trained with other settings stops the study before it starts
+        study.out.mkdir(parents=True, exist_ok=True)
+        if not args.no_tracking:
+            study.tracker = parent_run(args, study)
+        study.train_all(jobs)
+        train_s = time.perf_counter() - start
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        per_seed = {seed: study.evaluate_seed(seed, device)
+                    for seed in tqdm(args.seeds, desc="evaluate", unit="seed", dynamic_ncols=True)}
+        result = study.report(per_seed)
+        result["timing"] = {"total_s": time.perf_counter() - start, "train_s": train_s,
+                            "trainings_s": study.timing, "jobs": args.jobs,
+                            "threads_per_training": int(os.environ.get("OMP_NUM_THREADS", study.threads))}
+        (study.out / "study.json").write_text(json.dumps(result, indent=1))
+        (study.out / "study.md").write_text(markdown(result))
+        plot(result, study.out / "study.png")
+        if study.tracker is not None:
+            metrics = {f"{key}_top1_mean": row["top1"]["mean"] for key, row in result["rows"].items()}
+            metrics.update({f"{key}_top1_std": row["top1"]["std"] for key, row in result["rows"].items()})
+            for mask, m in result["masks"].items():
+                metrics[f"adn_top1_{mask}"] = m["adn"]["mean"]
+                metrics[f"naive_top1_{mask}"] = m["naive"]["mean"]
+                if "adn_calibrated" in m:
+                    metrics[f"adn_calibrated_top1_{mask}"] = m["adn_calibrated"]["mean"]
+            metrics.update({f"claim{i + 1}_holds": float(c["holds"]) for i, c in enumerate(result["claims"])})
+            metrics["wall_s"] = result["timing"]["total_s"]
+            study.tracker.log_metrics(metrics, step=0)
+            for name in ("study.md", "study.json", "study.png"):
+                study.tracker.log_artifact(study.out / name)
+            study.tracker.finish()
+        print()
+        print((study.out / "study.md").read_text())
+        print(f"table: {study.out / 'study.md'} and {study.out / 'study.json'}; figure: {study.out / 'study.png'}")
+        if study.tracker is not None:
+            print(f"MLflow parent run {study.tracker.run_id}: {study.tracker.where()}")
+    except (ValueError, FileNotFoundError, DataError, TrackingError, RuntimeError) as err:
+        if study is not None and study.tracker is not None:
+            study.tracker.finish("FAILED")
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if study is not None and study.tracker is not None:
+            study.tracker.finish("KILLED")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
