@@ -35,7 +35,7 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 		--eval-all-masks --experiment adn-demo
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
 
-reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN), table and figure in runs/study
+reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (28 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.study --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
 		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)

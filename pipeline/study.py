@@ -103,7 +103,10 @@ class Study:
         self.epochs = args.epochs or self.recipe["epochs"]
         self.data = str(args.data)
         self.tracker: Tracker | None = None
-        self.timing: dict[str, float] = {}
+        # each training's wall time, kept across invocations that reuse it (trainings.json)
+        saved = self.out / "trainings.json"
+        self.timing: dict[str, float] = json.loads(saved.read_text()) if saved.is_file() else {}
+        self.reused = set(self.timing)
         self.threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # per training, when running --jobs at once
         self.lock = threading.Lock()
         self.procs: set[subprocess.Popen] = set()
@@ -186,7 +189,10 @@ class Study:
                 code = proc.wait()
                 with self.lock:
                     self.procs.discard(proc)
-            self.timing[f"seed{seed}/{mode}"] = time.perf_counter() - start
+            with self.lock:
+                self.timing[f"seed{seed}/{mode}"] = time.perf_counter() - start
+                self.reused.discard(f"seed{seed}/{mode}")
+                (self.out / "trainings.json").write_text(json.dumps(self.timing, indent=1))
             if code != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
                 raise RuntimeError(f"the {mode} training of seed {seed} failed (exit {code}): {tail[0]}; "
@@ -318,8 +324,11 @@ def markdown(result: dict[str, Any]) -> str:
                   f"by a median {cal['between_median_gain']:+.2f} points and improved {cal['between_improved']} of "
                   f"them; super-net {cal['super_gain']:+.2f}, base-net {cal['base_gain']:+.2f}."]
     if result.get("timing"):
-        lines += ["", f"Wall time: {result['timing']['total_s'] / 60:.1f} min "
-                      f"(trainings {result['timing']['train_s'] / 60:.1f} min)."]
+        timing = result["timing"]
+        reused = len(timing["reused_from_an_earlier_invocation"])
+        lines += ["", f"Wall time of this invocation: {timing['total_s'] / 60:.1f} min (trainings "
+                      f"{timing['train_s'] / 60:.1f} min, {timing['jobs']} at once"
+                      + (f"; {reused} trainings reused from an earlier invocation" if reused else "") + ")."]
     return "\n".join(lines) + "\n"
 
 
@@ -333,14 +342,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     masks = sorted(result["masks"].items(), key=lambda kv: kv[1]["gflops"])
     gflops = [m["gflops"] for _, m in masks]
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    ax.errorbar(gflops, [m["naive"]["mean"] for _, m in masks], yerr=[m["naive"]["std"] for _, m in masks],
-                fmt="--^", color="0.5", ms=5, capsize=2, label="vanilla, naive skipping")
-    ax.errorbar(gflops, [m["adn"]["mean"] for _, m in masks], yerr=[m["adn"]["std"] for _, m in masks],
-                fmt="o", color="C0", ms=6, capsize=2, label="ADN, every mask")
+    series = [("naive", "^", "0.5", "vanilla, naive skipping"), ("adn", "o", "C0", "ADN")]
     if "adn_calibrated" in masks[0][1]:
-        ax.errorbar(gflops, [m["adn_calibrated"]["mean"] for _, m in masks],
-                    yerr=[m["adn_calibrated"]["std"] for _, m in masks], fmt="s", mfc="none", color="C1", ms=6,
-                    capsize=2, label=f"ADN, norms calibrated ({result['calibrate_norms']} images)")
+        series.append(("adn_calibrated", "s", "C1", f"ADN, norms calibrated ({result['calibrate_norms']} images)"))
+    for kind, marker, color, label in series:
+        top1 = [m[kind]["mean"] for _, m in masks]
+        ax.errorbar(gflops, top1, yerr=[m[kind]["std"] for _, m in masks], fmt=marker, color=color, ms=5,
+                    capsize=2, alpha=0.6, mfc="none" if kind == "adn_calibrated" else None)
+        front = [(g, t) for i, (g, t) in enumerate(zip(gflops, top1, strict=True)) if t > max(top1[:i], default=-1)]
+        ax.plot(*zip(*front, strict=True), marker=marker, color=color, ls="--" if kind == "naive" else "-", ms=6,
+                mfc="none" if kind == "adn_calibrated" else None, label=label)
     for key, color, marker in (("vanilla", "C3", "*"), ("base_alone", "C2", "*")):
         row = result["rows"][key]
         ax.errorbar([row["gflops"]], [row["top1"]["mean"]], yerr=[row["top1"]["std"]], fmt=marker, color=color,
@@ -351,7 +362,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     fontsize=8, color="C0")
     ax.set_xlabel("GFLOPs")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{result['model']}: {len(result['seeds'])} seed(s), {result['epochs']} epochs")
+    ax.set_title(f"{result['model']}: {len(result['seeds'])} seed(s), {result['epochs']} epochs\n"
+                 "markers: every mask (mean ± std over seeds); lines: the best mask per GFLOPs", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -415,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                     for seed in tqdm(args.seeds, desc="evaluate", unit="seed", dynamic_ncols=True)}
         result = study.report(per_seed)
         result["timing"] = {"total_s": time.perf_counter() - start, "train_s": train_s,
-                            "trainings_s": study.timing, "jobs": args.jobs,
+                            "trainings_s": study.timing,
+                            "reused_from_an_earlier_invocation": sorted(study.reused), "jobs": args.jobs,
                             "threads_per_training": int(os.environ.get("OMP_NUM_THREADS", study.threads))}
         (study.out / "study.json").write_text(json.dumps(result, indent=1))
         (study.out / "study.md").write_text(markdown(result))
