@@ -44,7 +44,7 @@ from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_
 MODES = ("vanilla", "base", "adn")
 ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla": "vanilla (super-net alone)",
              "base_alone": "base-net alone"}
-#: what a claim compares the trainings by (the run's config must match these to be reused)
+#: the settings a finished training's config.yaml must match for a study to reuse it
 REUSE_KEYS = ("model", "recipe", "mode", "epochs", "seed", "data_dir", "max_steps")
 
 
@@ -103,6 +103,7 @@ class Study:
         self.epochs = args.epochs or self.recipe["epochs"]
         self.data = str(args.data)
         self.tracker: Tracker | None = None
+        self.costs: dict[str, dict[str, float]] = {}  # GFLOPs and params of each mask, from the first ADN evaluated
         # each training's wall time, kept across invocations that reuse it (trainings.json)
         saved = self.out / "trainings.json"
         self.timing: dict[str, float] = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -217,7 +218,7 @@ class Study:
                 rates = evaluate_split(model, self.data, "val", recipe, masks, device=device,
                                        calibrate_images=self.args.calibrate_norms).rates()
                 found["adn_calibrated"] = {m: r[0] for m, r in rates.items()}
-            if mode == "adn":
+            if mode == "adn" and not self.costs:  # the same for every seed: counted once
                 resolution = int(recipe["data"]["val_crop"])
                 self.costs = {str(c.mask): {"gflops": c.gflops, "params_m": c.params_m}
                               for c in mask_costs(model, resolution)}
