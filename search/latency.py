@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
+    from pipeline.lock import LockHeld
+
     p = argparse.ArgumentParser(prog="python -m search.latency",
                                 description="Predicted latency of every mask from a named target's table.")
     p.add_argument("--target", help="a target name (see --list), or cpu to measure this machine")
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
             res = args.resolution or default_resolution(args.model)
             table = resolve(args.target, args.model, args.batch_size, res, args.dtype)
-    except (TableError, ValueError) as err:
+    except (TableError, ValueError, LockHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     preds = predict_all(table)

@@ -11,7 +11,16 @@ import pytest
 
 from adn import SkipMask
 from search.latency import SHIPPED_DIR, TableError, load_table, predict, resolve, save_table
-from search.profile import local_table, measure_table, validate
+from search.profile import (
+    MAX_SPREAD,
+    TOLERANCE,
+    BusyMachineError,
+    cache_path,
+    local_table,
+    measure_table,
+    round_spread,
+    validate,
+)
 from search.roofline import SHIPPED_BATCHES, SHIPPED_MODELS, SPECS, estimate_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +130,8 @@ def test_user_measured_table_overrides_the_shipped_estimate(user_luts: Path) -> 
 
 def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, monkeypatch) -> None:
     first = local_table("resnet_mini", 1, None, rounds=3)
-    assert first["method"] == "measured" and (user_luts / "cpu" / "resnet_mini_b1_r32_fp32.json").is_file()
+    assert first["method"] == "measured" and Path(first["path"]) == cache_path("resnet_mini", 1, 32, "fp32", 1000)
+    assert Path(first["path"]).is_file() and first["self_validation"]["mape"] <= TOLERANCE
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("a matching cached table must be reused")
@@ -130,6 +140,71 @@ def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, monkeyp
     again = local_table("resnet_mini", 1, None)
     assert again["parts"] == first["parts"]
     assert resolve("cpu", "resnet_mini", 1, 32)["method"] == "measured"
+
+
+def test_cache_entries_of_other_class_counts_live_side_by_side(user_luts: Path, monkeypatch) -> None:
+    """The cache compares the class count, so its file name holds it: a 10-class table used to overwrite the
+    1000-class one, and each search measured again."""
+    ten = local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
+    thousand = local_table("resnet_mini", 1, None, rounds=3, num_classes=1000)
+    assert ten["path"] != thousand["path"] and Path(ten["path"]).is_file() and Path(thousand["path"]).is_file()
+    assert "_c10_" in Path(ten["path"]).name and "_c1000_" in Path(thousand["path"]).name
+    monkeypatch.setattr("search.profile.measure_table", lambda *a, **k: pytest.fail("both entries are cached"))
+    assert local_table("resnet_mini", 1, None, num_classes=10)["num_classes"] == 10
+    assert local_table("resnet_mini", 1, None, num_classes=1000)["num_classes"] == 1000
+
+
+def _skewed(measure, remainder: float, mape: float = 0.0):
+    """``measure_table`` whose table comes out as on a busy machine: the remainder set, the validation off by
+    ``mape``."""
+    def fake(*args, **kwargs):
+        table = measure(*args, **kwargs)
+        table["remainder_ms"] = remainder
+        table["validation_ms"] = {m: predict(table, m) / (1 + mape) for m in table["validation_ms"]}
+        return table
+    return fake
+
+
+def test_a_table_failing_its_own_checks_is_measured_again_then_refused(user_luts: Path, monkeypatch) -> None:
+    from search import profile
+
+    real = profile.measure_table
+    calls = []
+    monkeypatch.setattr(profile, "measure_table", lambda *a, **k: calls.append(1) or _skewed(real, -17.65)(*a, **k))
+    with pytest.raises(BusyMachineError, match=r"too busy .* 3 attempts .* negative remainder between parts "
+                                               r"\(-17.65 ms\)"):
+        local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
+    assert len(calls) == 3 and not list(user_luts.rglob("*.json")), "a refused table must not be cached"
+
+    # A bad attempt, then a good one: the good one is kept, and says which attempt it was.
+    outcomes = iter([_skewed(real, 0.5, mape=0.2), real])
+    monkeypatch.setattr(profile, "measure_table", lambda *a, **k: next(outcomes)(*a, **k))
+    table = local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
+    assert table["self_validation"]["attempt"] == 2 and table["self_validation"]["mape"] <= TOLERANCE
+    assert load_table(table["path"])["remainder_ms"] == table["remainder_ms"]
+
+
+def test_spread_rounds_mark_a_busy_machine() -> None:
+    steady = {"a": [1.0, 1.01, 0.99, 1.0, 1.02], "b": [2.0, 2.02, 1.98, 2.0, 2.01]}
+    shared = {"a": [1.0, 1.6, 1.0, 1.7, 1.1], "b": [2.0, 3.1, 2.1, 3.3, 2.0]}
+    assert round_spread(steady) < 0.05 < MAX_SPREAD < round_spread(shared)
+
+
+def test_two_searches_measuring_at_once_share_one_checked_table(user_luts: Path) -> None:
+    """Two ``--target cpu`` measurements at once timed each other's load and cached negative latencies; now the
+    second waits for the first's table and reuses it."""
+    cmd = [sys.executable, "-m", "search.latency", "--target", "cpu", "--model", "resnet_mini", "--json"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+    first, second = (json.loads(out)["latency_ms"] for out, _ in outs)
+    assert first == second and all(v > 0 for v in first.values())
+    assert sum("waiting up to" in err for _, err in outs) == 1, "one of the two waited for the other's lock"
+    (cached,) = (user_luts / "cpu").glob("*.json")
+    table = load_table(cached)
+    assert table["remainder_ms"] >= 0 and table["self_validation"]["mape"] <= TOLERANCE
+    assert all(p["ms"] >= 0 for p in table["parts"])
 
 
 def test_unknown_target_lists_the_available_ones() -> None:
@@ -158,6 +233,8 @@ def test_corrupt_table_is_a_clear_error(user_luts: Path) -> None:
 def test_profile_cli_bad_input_is_one_sentence() -> None:
     done = _profile("--model", "resnet_nope")
     assert done.returncode == 2 and done.stderr.strip().startswith("error: unknown model 'resnet_nope'")
+    done = _profile("--model", "resnet_mini", "--tolerance", "0")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --tolerance must be above 0")
     done = _profile("--model", "resnet_mini", "--device", "cuda")
     assert done.returncode == 2 and "no CUDA device" in done.stderr
     done = _profile("--model", "resnet_mini", "--threads", "0")
