@@ -78,5 +78,21 @@ def load_trained(path: str | os.PathLike[str], map_location: str | torch.device 
     path = resolve_weights(path)
     meta = read_metadata(path)
     model = create_model(meta["model"], num_classes=meta["num_classes"])
-    model.load_state_dict(load_file(str(path), device=str(map_location)))
+    state = load_file(str(path), device=str(map_location))
+    check_fits(model, state, f"{str(path)!r} ({meta['model']}, {meta['num_classes']} classes by its metadata)")
+    model.load_state_dict(state)
     return model.to(map_location).eval(), meta
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise one ``ValueError`` sentence when ``state`` does not fit ``model`` (torch's is a page of names)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or extra or shapes:
+        found = [f"{len(missing)} tensors missing (first {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (first {extra[0]})" if extra else "",
+                 f"{len(shapes)} of another shape (first {shapes[0]})" if shapes else ""]
+        raise ValueError(f"the tensors of {what} do not fit that model: {', '.join(f for f in found if f)}.")

@@ -1,10 +1,13 @@
-"""One writer per directory or file: an exclusive ``flock`` with the holder's host and PID written in it.
+"""One writer per directory or file: an exclusive POSIX lock with the holder's host and PID written in it.
 
 A training's ``--output``, a search's ``--out`` and a latency table's cache entry each take one. The
-kernel drops a ``flock`` when its holder dies, even by ``kill -9``, so a lock file left by a dead
-process is stale by construction: the next writer takes it and says whose it was. The descriptor is
-not inherited across ``exec`` (DeepSpeed's and Ray's children do not hold it). On a network
-filesystem ``flock`` is as good as the server's lock support (NFSv4 maps it to byte-range locks).
+kernel drops the lock when its holder dies, even by ``kill -9``, so a lock file left by a dead
+process is stale by construction: the next writer takes it and says whose it was. A POSIX record
+lock (``lockf``) rather than ``flock``: it belongs to the process, not to the open file, so the
+data-loader workers a training forks do not hold it after a ``kill -9`` of their parent (with
+``flock`` they did, for seconds); and it works on NFS. Its one trap, that closing any descriptor
+of the file in the holder releases it, is why the holder's record is read through the lock's own
+descriptor.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ class LockHeld(RuntimeError):
     """Another live process holds the lock."""
 
 
-def holder(path: Path) -> dict[str, Any]:
+def holder(fd: int) -> dict[str, Any]:
     """What the lock file says about who wrote it last ({} when it is empty or unreadable)."""
     try:
-        return json.loads(path.read_text() or "{}")
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
         return {}
 
@@ -45,7 +48,7 @@ def describe(info: dict[str, Any]) -> str:
 
 def _record() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)[:300]}
+            "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.orig_argv)[:200]}
 
 
 @contextlib.contextmanager
@@ -63,20 +66,20 @@ def exclusive(path: str | os.PathLike[str], what: str, wait: float = 0.0) -> Ite
         deadline, waited = time.monotonic() + wait, False
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as err:
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
-                    raise LockHeld(f"{what} is in use by {describe(holder(path))}; wait for it to finish or "
+                    raise LockHeld(f"{what} is in use by {describe(holder(fd))}; wait for it to finish or "
                                    "choose another one.") from None
                 if not waited:
-                    print(f"waiting up to {wait:.0f} s for {what}, in use by {describe(holder(path))}",
+                    print(f"waiting up to {wait:.0f} s for {what}, in use by {describe(holder(fd))}",
                           file=sys.stderr)
                     waited = True
                 time.sleep(0.2)
-        stale = holder(path)
+        stale = holder(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(_record()) + "\n").encode(), 0)
         try:
@@ -84,7 +87,7 @@ def exclusive(path: str | os.PathLike[str], what: str, wait: float = 0.0) -> Ite
         finally:
             os.ftruncate(fd, 0)
     finally:
-        os.close(fd)  # closing the last descriptor releases the flock
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

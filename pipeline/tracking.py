@@ -145,6 +145,7 @@ class Tracker:
         self._busy = False
         self._outage: _Outage | None = None
         self._thread: threading.Thread | None = None
+        self.finished = False
         if not enabled:
             return
         check_reachable(self.uri)
@@ -169,6 +170,14 @@ class Tracker:
             return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id or self.run_id}"
                     f"?{UI_MODEL_TRAINING}")
         return f"in {self.uri} (mlflow ui --backend-store-uri {self.uri})"
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> None:
+        """A block that raised leaves its run FAILED, or KILLED when interrupted (Ctrl-C, SIGTERM), not RUNNING."""
+        if err is not None and not self.finished:
+            self.finish("FAILED" if isinstance(err, Exception) else "KILLED", timeout_s=10)
 
     # -- what callers use: each queues and returns at once ---------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -218,8 +227,9 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED", timeout_s: float = 120.0) -> None:
         """End the run: send what is queued (waiting up to ``timeout_s`` for a server that is down)."""
-        if not self.enabled:
+        if not self.enabled or self.finished:
             return
+        self.finished = True
         self._submit(_Op("terminate", status))
         if self._outage is not None:
             log.warning("MLflow: waiting up to %.0f s for the server at %s to take %d queued calls.", timeout_s,

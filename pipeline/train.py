@@ -37,6 +37,7 @@ from .data import DataError, make_loader, read_manifest
 from .data.storage import parse_location
 from .distributed import RENDEZVOUS_TIMEOUT_S, ClusterError, setup_distributed
 from .evaluate import Accuracy, evaluate
+from .lock import LockHeld, output_lock
 from .optim import build_optimizer, build_scheduler
 from .recipes import list_recipes, load_recipe
 from .step import MODES, TrainStep
@@ -477,7 +478,7 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -488,9 +489,12 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(resolve_tracking_uri(args.tracking_uri))
         if args.resume is not None and not args.resume and not (Path(cfg["output"]) / CHECKPOINTS).exists():
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
-        trainer = Trainer(cfg, args)
-        trainer.run()
-    except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError) as err:
+        # One writer per output: global rank 0 holds its lock for the whole run (the other ranks write
+        # only their own replica logs into it).
+        with output_lock(cfg["output"], "the training output") if rank == 0 else contextlib.nullcontext():
+            trainer = Trainer(cfg, args)
+            trainer.run()
+    except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError, LockHeld) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

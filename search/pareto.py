@@ -19,24 +19,30 @@ their skipped half only when its whole sub-path is dropped (``adn.BlockMask``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adn.checkpoint import load_trained, read_metadata, resolve_weights
 from adn.complexity import count_flops, count_params
 from pipeline.data import DataError, has_split, read_manifest
 from pipeline.data.shard import HOLDOUT_SPLIT
 from pipeline.data.storage import parse_location
+from pipeline.lock import LockHeld, output_lock
+from pipeline.signals import raise_on_sigterm
 from pipeline.tracking import UI_MODEL_TRAINING, Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
 from .latency import TableError, check_table_for, predict, resolve
 from .parts import skeleton
 from .profile import LOCAL_TARGETS, local_table
+
+if TYPE_CHECKING:
+    import torch
 
 #: What a trial's process holds (Ray and Tune, no torch: the workers hold the model), as Ray's logical memory.
 TRIAL_MEMORY = 256 * 2**20
@@ -156,11 +162,16 @@ def probe_ray(address: str) -> None:
 
 
 def connect_ray(address: str | None) -> None:
-    """Join the cluster at ``address`` (with the token of ``make ray-head``), or start a local Ray."""
+    """Join the cluster at ``address`` (with the token of ``make ray-head``), or start a local Ray.
+
+    Ray's core worker replaces the SIGTERM handler with one that aborts the driver; ours goes back, so a
+    terminated search still marks its MLflow runs KILLED and shuts Ray down on the way out.
+    """
     import ray
 
     if not address:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=os.cpu_count() or 1)
+        raise_on_sigterm()
         return
     probe_ray(address)
     try:
@@ -169,6 +180,7 @@ def connect_ray(address: str | None) -> None:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot join the Ray cluster at {address} ({reason.rstrip('.')}); start one "
                          "(make ray-head) or check its token (RAY_AUTH_TOKEN_PATH).") from err
+    raise_on_sigterm()
 
 
 def batch_size(sampler: str, budget: int, population: int) -> int:
@@ -399,14 +411,21 @@ def main(argv: list[str] | None = None) -> int:
                                         "else adn-pareto)")
     p.add_argument("--no-tracking", action="store_true")
     args = p.parse_args(argv)
+    raise_on_sigterm()
     try:
         report = search(args)
     except (ValueError, FileNotFoundError, DataError, TableError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LockHeld as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        print(f"interrupted ({err or 'Ctrl-C'}); the MLflow runs of this search are marked KILLED.", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps({k: report[k] for k in ("front", "candidates", "best_within_budget")}, indent=1))
     return 0
@@ -416,7 +435,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     """Validate every input before Ray starts, run the search, write and log the results."""
     weights = resolve_checkpoint(args.checkpoint, args.mlflow_run, args.tracking_uri)
     meta = read_metadata(weights)
-    model_name, classes, resolution = meta["model"], meta["classes"], meta["resolution"]
+    model_name, classes = meta["model"], meta["classes"]
     if args.batch_size < 1 or args.eval_batch_size < 1:
         raise ValueError("--batch-size and --eval-batch-size must be at least 1.")
     if args.max_samples is not None and args.max_samples < 1:
@@ -427,6 +446,18 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--loader-workers must be 0 or more, got {args.loader_workers}.")
     if args.calibrate_norms is not None and args.calibrate_norms < 1:
         raise ValueError(f"--calibrate-norms takes a positive number of training images, got {args.calibrate_norms}.")
+    if args.max_latency_ms is not None and args.max_latency_ms <= 0:
+        raise ValueError(f"--max-latency-ms must be above 0, got {args.max_latency_ms:g}.")
+    shape = skeleton(model_name)
+    num_bits = shape.num_stages if args.space == "stages" else len(shape.block_stages)
+    size = 2**num_bits
+    budget = args.budget or min(size, 256)
+    if budget < 2:
+        raise ValueError(f"--budget must be at least 2, got {budget}.")
+    sampler = args.sampler if args.sampler != "auto" else ("grid" if size <= budget else "nsga2")
+    if sampler == "grid" and budget < size:
+        raise ValueError(f"a grid over {size} masks needs --budget {size}; use --sampler nsga2 for fewer trials.")
+    budget = min(budget, size) if sampler == "grid" else budget
     search_split = args.search_split or (HOLDOUT_SPLIT if has_split(args.data, HOLDOUT_SPLIT) else args.split)
     if args.calibrate_norms and not has_split(args.data, "train"):
         raise ValueError(f"--calibrate-norms reads the train split, and {args.data!r} has no train.json.")
@@ -448,32 +479,31 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     if parse_location(args.data).is_local and args.ray_address and args.ray_address != "auto":
         print(f"note: every Ray node reads {args.data} at this path: it must be on a shared filesystem "
               "(or serve the shards over http(s):// or s3://).", file=sys.stderr)
-    if args.target in LOCAL_TARGETS:
-        table = local_table(model_name, args.batch_size, resolution, args.dtype or "fp32",
-                            num_classes=len(classes))
-    else:
-        table = resolve(args.target, model_name, args.batch_size, resolution, args.dtype)
-    check_table_for(table, model_name, args.batch_size, resolution)
-    shape = skeleton(model_name)
-    num_bits = shape.num_stages if args.space == "stages" else len(shape.block_stages)
-    size = 2**num_bits
-    budget = args.budget or min(size, 256)
-    if budget < 2:
-        raise ValueError(f"--budget must be at least 2, got {budget}.")
-    sampler = args.sampler if args.sampler != "auto" else ("grid" if size <= budget else "nsga2")
-    if sampler == "grid" and budget < size:
-        raise ValueError(f"a grid over {size} masks needs --budget {size}; use --sampler nsga2 for fewer trials.")
-    budget = min(budget, size) if sampler == "grid" else budget
+    if not args.no_tracking:
+        check_reachable(resolve_tracking_uri(args.tracking_uri))
+    model, _ = load_trained(weights)  # tensors against metadata, here rather than inside every Ray trial
     if args.out:
         out = Path(args.out)
     elif args.checkpoint:
         out = weights.parent / f"pareto-{args.target}"
     else:  # weights downloaded from MLflow sit in a temporary directory
         out = Path("runs") / f"pareto-{args.mlflow_run}-{args.target}"
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "the search output"):
+        return _search_locked(args, weights, model, meta, search_split, sampler, budget, num_bits, out)
+
+
+def _search_locked(args: argparse.Namespace, weights: Path, model: torch.nn.Module, meta: dict[str, Any],
+                   search_split: str, sampler: str, budget: int, num_bits: int, out: Path) -> dict[str, Any]:
+    """The search once its inputs are checked and ``out`` is this process's alone."""
+    model_name, classes, resolution = meta["model"], meta["classes"], meta["resolution"]
+    if args.target in LOCAL_TARGETS:
+        table = local_table(model_name, args.batch_size, resolution, args.dtype or "fp32",
+                            num_classes=len(classes))
+    else:
+        table = resolve(args.target, model_name, args.batch_size, resolution, args.dtype)
+    check_table_for(table, model_name, args.batch_size, resolution)
     tracker = None
     if not args.no_tracking:
-        check_reachable(resolve_tracking_uri(args.tracking_uri))
         experiment = args.experiment or (training_experiment(args.mlflow_run, args.tracking_uri) if args.mlflow_run
                                          else "adn-pareto")
         tags = {"adn.model": model_name, "adn.target": args.target, "adn.space": args.space,
@@ -483,73 +513,73 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             tags["adn.training_run"] = args.mlflow_run
         tracker = Tracker(args.tracking_uri, experiment, f"{model_name}-pareto-{args.target}-{args.space}", tags=tags)
 
-    results, timing, reported = run_search(
-        weights, args.data, table, num_bits, sampler, budget, batch_size_eval=args.eval_batch_size,
-        max_samples=args.max_samples, ray_address=args.ray_address, seed=args.seed, out=out, split=search_split,
-        report_split=args.split, eval_workers=args.eval_workers, loader_workers=args.loader_workers,
-        calibrate_images=args.calibrate_norms)
-    model, _ = load_trained(weights)
-    candidates = sorted((Candidate(mask, r["acc1"], r["latency_ms"], count_flops(model, mask, resolution) / 1e9,
-                                   count_params(model, mask) / 1e6, r["acc5"], r["node"])
-                         for mask, r in results.items()), key=lambda c: c.latency_ms)
-    front = pareto_front(candidates)
-    for c in front:  # the report split's accuracy, from one pass over the front (the same split: the same numbers)
-        c.val_acc1, c.val_acc5, _ = reported.get(c.mask, (c.acc1, c.acc5, 0))
-    super_mask, base_mask = "F" * num_bits, "T" * num_bits
-    super_ms = predict(table, super_mask)
-    best = best_within(front, args.max_latency_ms) if args.max_latency_ms is not None else None
-    report = {
-        "model": model_name, "target": args.target, "table": {k: table.get(k) for k in (
-            "method", "device", "dtype", "batch_size", "resolution", "source", "path")},
-        "space": args.space, "sampler": sampler, "budget": budget, "weights": str(weights),
-        "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms,
-        "timing": timing, "front": [asdict(c) for c in front], "candidates": [asdict(c) for c in candidates],
-        "best_within_budget": asdict(best) if best else None, "max_latency_ms": args.max_latency_ms,
-        "mlflow_parent": tracker.run_id if tracker is not None else None,
-    }
-    (out / "pareto.json").write_text(json.dumps(report, indent=1))
-    plot(candidates, front, out / "pareto.png", f"{model_name} on {args.target} ({table['method']})",
-         args.max_latency_ms, super_mask, base_mask, (search_split, args.split))
-    if tracker is not None:
-        inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
-                  "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
-                  "table_method": table["method"], "max_latency_ms": args.max_latency_ms,
-                  "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms}
-        try:
-            view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
-        except Exception as err:  # the search's results are on disk already; MLflow only mirrors them
-            print(f"warning: could not log the candidates to MLflow ({err}); the results are in "
-                  f"{out / 'pareto.json'}.", file=sys.stderr)
-            tracker.finish("FAILED", timeout_s=10)
-            view = None
-    if not args.json:
-        print(f"{model_name} on {args.target} ({table['method']} table, batch {args.batch_size}), "
-              f"{args.space} space, {sampler}, {len(candidates)} masks chosen on {search_split}, front reported "
-              f"on {args.split}")
-        head = [f"top-1 {search_split}"] + ([f"top-1 {args.split}"] if args.split != search_split else [])
-        print(f"{'mask':<10}" + "".join(f"{h:>{len(h) + 2}}" for h in head)
-              + f"{'latency ms':>12}{'GFLOPs':>9}{'params M':>10}{'speed-up':>10}")
-        for c in front:
-            accs = [c.acc1] + ([c.val_acc1] if args.split != search_split else [])
-            print(f"{c.mask:<10}" + "".join(f"{a:>{len(h) + 2}.2%}" for a, h in zip(accs, head, strict=True))
-                  + f"{c.latency_ms:>12.3f}{c.gflops:>9.4f}{c.params_m:>10.3f}{super_ms / c.latency_ms:>9.2f}x")
-        if args.max_latency_ms is not None:
-            print(f"best within {args.max_latency_ms:g} ms: " + (
-                f"{best.mask} ({best.val_acc1:.2%} on {args.split}, {best.latency_ms:.3f} ms)" if best else
-                f"none; the fastest mask is {front[0].mask} at {front[0].latency_ms:.3f} ms"))
-        workers = ", ".join(f"{w['node']} {w['samples']}" for w in timing["eval_workers"])
-        print(f"evaluation: {timing['passes']} passes over {search_split} ({timing['masks_per_pass']} masks), "
-              f"{timing['segment_runs']} stage segments run against {timing['segment_runs_one_by_one']} one by one "
-              f"({timing['segment_runs'] / max(timing['segment_runs_one_by_one'], 1):.2f}); samples per worker: "
-              f"{workers}")
-        spread = ", ".join(f"{n} {k}" for k, n in sorted(timing["trials_per_node"].items()))
-        print(f"Ray: {timing['trials']} trials in {timing['wall_s']:.1f} s ({spread}), overhead "
-              f"{timing['ray_overhead_s_per_trial']:.3f} s per trial")
-        print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+    with tracker or contextlib.nullcontext():
+        results, timing, reported = run_search(
+            weights, args.data, table, num_bits, sampler, budget, batch_size_eval=args.eval_batch_size,
+            max_samples=args.max_samples, ray_address=args.ray_address, seed=args.seed, out=out, split=search_split,
+            report_split=args.split, eval_workers=args.eval_workers, loader_workers=args.loader_workers,
+            calibrate_images=args.calibrate_norms)
+        candidates = sorted((Candidate(mask, r["acc1"], r["latency_ms"], count_flops(model, mask, resolution) / 1e9,
+                                       count_params(model, mask) / 1e6, r["acc5"], r["node"])
+                             for mask, r in results.items()), key=lambda c: c.latency_ms)
+        front = pareto_front(candidates)
+        for c in front:  # the report split's accuracy, from one pass over the front (the same split: the same numbers)
+            c.val_acc1, c.val_acc5, _ = reported.get(c.mask, (c.acc1, c.acc5, 0))
+        super_mask, base_mask = "F" * num_bits, "T" * num_bits
+        super_ms = predict(table, super_mask)
+        best = best_within(front, args.max_latency_ms) if args.max_latency_ms is not None else None
+        report = {
+            "model": model_name, "target": args.target, "table": {k: table.get(k) for k in (
+                "method", "device", "dtype", "batch_size", "resolution", "source", "path")},
+            "space": args.space, "sampler": sampler, "budget": budget, "weights": str(weights),
+            "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms,
+            "timing": timing, "front": [asdict(c) for c in front], "candidates": [asdict(c) for c in candidates],
+            "best_within_budget": asdict(best) if best else None, "max_latency_ms": args.max_latency_ms,
+            "mlflow_parent": tracker.run_id if tracker is not None else None,
+        }
+        (out / "pareto.json").write_text(json.dumps(report, indent=1))
+        plot(candidates, front, out / "pareto.png", f"{model_name} on {args.target} ({table['method']})",
+             args.max_latency_ms, super_mask, base_mask, (search_split, args.split))
         if tracker is not None:
-            print(f"MLflow parent run {tracker.run_id}: {tracker.where()}")
-            if view:
-                print(f"chart of top-1 against latency: {view}")
+            inputs = {"model": model_name, "target": args.target, "weights": str(weights), "data": args.data,
+                      "space": args.space, "sampler": sampler, "budget": budget, "batch_size": args.batch_size,
+                      "table_method": table["method"], "max_latency_ms": args.max_latency_ms,
+                      "search_split": search_split, "split": args.split, "calibrate_norms": args.calibrate_norms}
+            try:
+                view = log_to_mlflow(tracker, inputs, candidates, front, args.target, out)
+            except Exception as err:  # the search's results are on disk already; MLflow only mirrors them
+                print(f"warning: could not log the candidates to MLflow ({err}); the results are in "
+                      f"{out / 'pareto.json'}.", file=sys.stderr)
+                tracker.finish("FAILED", timeout_s=10)
+                view = None
+        if not args.json:
+            print(f"{model_name} on {args.target} ({table['method']} table, batch {args.batch_size}), "
+                  f"{args.space} space, {sampler}, {len(candidates)} masks chosen on {search_split}, front reported "
+                  f"on {args.split}")
+            head = [f"top-1 {search_split}"] + ([f"top-1 {args.split}"] if args.split != search_split else [])
+            print(f"{'mask':<10}" + "".join(f"{h:>{len(h) + 2}}" for h in head)
+                  + f"{'latency ms':>12}{'GFLOPs':>9}{'params M':>10}{'speed-up':>10}")
+            for c in front:
+                accs = [c.acc1] + ([c.val_acc1] if args.split != search_split else [])
+                print(f"{c.mask:<10}" + "".join(f"{a:>{len(h) + 2}.2%}" for a, h in zip(accs, head, strict=True))
+                      + f"{c.latency_ms:>12.3f}{c.gflops:>9.4f}{c.params_m:>10.3f}{super_ms / c.latency_ms:>9.2f}x")
+            if args.max_latency_ms is not None:
+                print(f"best within {args.max_latency_ms:g} ms: " + (
+                    f"{best.mask} ({best.val_acc1:.2%} on {args.split}, {best.latency_ms:.3f} ms)" if best else
+                    f"none; the fastest mask is {front[0].mask} at {front[0].latency_ms:.3f} ms"))
+            workers = ", ".join(f"{w['node']} {w['samples']}" for w in timing["eval_workers"])
+            print(f"evaluation: {timing['passes']} passes over {search_split} ({timing['masks_per_pass']} masks), "
+                  f"{timing['segment_runs']} stage segments run against {timing['segment_runs_one_by_one']} one by one "
+                  f"({timing['segment_runs'] / max(timing['segment_runs_one_by_one'], 1):.2f}); samples per worker: "
+                  f"{workers}")
+            spread = ", ".join(f"{n} {k}" for k, n in sorted(timing["trials_per_node"].items()))
+            print(f"Ray: {timing['trials']} trials in {timing['wall_s']:.1f} s ({spread}), overhead "
+                  f"{timing['ray_overhead_s_per_trial']:.3f} s per trial")
+            print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+            if tracker is not None:
+                print(f"MLflow parent run {tracker.run_id}: {tracker.where()}")
+                if view:
+                    print(f"chart of top-1 against latency: {view}")
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from adn.checkpoint import load_trained, read_metadata
@@ -96,9 +98,12 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
     tag = latest.read_text().strip()
     assert tag == "step000000010"  # killed mid-epoch, right after the first step checkpoint
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # the dead process's lock stays behind
     resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
                      "--no-tracking", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"took over the lock of {str(out)!r} from PID {proc.pid} on " in resumed.stderr
+    assert (out / ".lock").read_text() == "", "released on exit"
     expected = load_file(reference_run / "run" / "weights.safetensors")
     got = load_file(out / "weights.safetensors")
     assert expected.keys() == got.keys()
@@ -136,6 +141,35 @@ def test_two_ranks_over_loopback_hold_identical_weights_after_every_step(digits:
     assert hashes[0] == hashes[1]
     assert len({h["sha256"] for h in hashes[0]}) == 6  # the weights change every step
     assert read_metadata(out)["recipe"]["world_size"] == 2
+
+
+def test_a_second_training_on_one_output_is_refused(digits: Path, tmp_path: Path) -> None:
+    """Two runs on one --output (seeds 0 and 1) both exited 0 and left a directory mixing their files."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output",
+                              str(out), "--max-steps", "20", "--no-tracking"], cwd=tmp_path, env=train_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / ".lock").exists() and (out / ".lock").read_text()) and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        second = _train(*FAST, "--data", str(digits), "--output", str(out), "--seed", "1", "--no-tracking",
+                        cwd=tmp_path, timeout=120)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    last = second.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the training output {str(out)!r} is in use by PID {first.pid} on "
+                           f"{socket.gethostname()} (since ")
+    assert "-m pipeline.train --model resnet_mini" in last
+    assert last.endswith("); wait for it to finish or choose another one.")
+    assert first.returncode == 0, err[-3000:]
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
 
 
 def test_resume_with_other_settings_is_refused(reference_run: Path, digits: Path) -> None:

@@ -3,13 +3,18 @@ digits' minival) and the report split (val), batched passes, MLflow runs, sample
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from adn import BlockMask, DepthSelector, select_mask
 from adn.checkpoint import load_trained
@@ -254,6 +259,8 @@ def test_runtime_helper_picks_the_best_mask_within_a_budget(cpu_search: dict, wo
     (["--target", "a100", "--data", "WRONG"], "classes"),
     (["--target", "a100", "--data", "NOVAL"], "val.json"),
     (["--target", "a100", "--calibrate-norms", "0"], "--calibrate-norms takes a positive number"),
+    (["--target", "a100", "--max-latency-ms", "-1"], "--max-latency-ms must be above 0, got -1"),
+    (["--target", "a100", "--checkpoint", "MISFIT"], "do not fit that model: 1 tensors missing (first fc.bias)"),
 ])
 def test_bad_input_fails_before_ray_starts(args: list[str], message: str, trained: Path, work: Path) -> None:
     wrong = work / "wrong"
@@ -265,9 +272,65 @@ def test_bad_input_fails_before_ray_starts(args: list[str], message: str, traine
             os.link(work / "digits" / shard["name"], wrong / shard["name"])
         (wrong / "val.json").write_text(json.dumps(data))
     (work / "empty").mkdir(exist_ok=True)
-    data_dir = {"WRONG": str(wrong), "NOVAL": str(work / "empty")}
+    misfit = work / "misfit.safetensors"
+    if not misfit.exists():  # the trained weights less one tensor, under the same metadata
+        with safe_open(str(trained / "weights.safetensors"), framework="pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != "fc.bias"}  # noqa: SIM118
+        save_file(state, str(misfit), metadata=meta)
+    data_dir = {"WRONG": str(wrong), "NOVAL": str(work / "empty"), "MISFIT": str(misfit)}
     argv = ["--checkpoint", str(trained), "--no-tracking", "--data", str(work / "digits"), *args]
     argv = [data_dir.get(a, a) for a in argv]
     done = _run(work, "search.pareto", *argv, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr.strip().splitlines()[-1] and "Ray" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr  # one sentence (and at most one note)
+
+
+def test_argument_checks_come_before_the_table_is_measured(trained: Path, work: Path) -> None:
+    """A --budget of 1 used to be refused after a 55 s measurement of this CPU's table."""
+    env = {**_env(work), "ADN_LUT_DIR": str(work / "luts-unused")}
+    done = subprocess.run([sys.executable, "-m", "search.pareto", "--target", "cpu", "--checkpoint", str(trained),
+                           "--data", str(work / "digits"), "--budget", "1", "--out", str(work / "p-early"),
+                           "--tracking-uri", "http://127.0.0.1:9"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "--budget must be at least 2" in done.stderr, done.stderr[-2000:]
+    assert not (work / "luts-unused").exists(), "nothing was measured"
+    # An unreachable tracking server is refused before anything is written: no empty output directory.
+    done = subprocess.run([sys.executable, "-m", "search.pareto", "--target", "a100", "--checkpoint", str(trained),
+                           "--data", str(work / "digits"), "--out", str(work / "p-early"),
+                           "--tracking-uri", "http://127.0.0.1:9"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "127.0.0.1:9" in done.stderr, done.stderr[-2000:]
+    assert not (work / "p-early").exists()
+
+
+def test_one_search_per_out_and_a_killed_search_is_marked_killed(trained: Path, work: Path) -> None:
+    """Two searches on one --out overwrote each other's files; a killed search left its MLflow run RUNNING."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{work / 'mlflow-kill.db'}"
+    first = subprocess.Popen([sys.executable, "-m", "search.pareto", "--target", "a100", "--checkpoint",
+                              str(trained), "--data", str(work / "digits"), "--out", str(work / "p-once"),
+                              "--tracking-uri", uri, "--experiment", "kill"], cwd=work, env=_env(work),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client, runs = MlflowClient(uri), []
+        deadline = time.monotonic() + 180
+        while not runs and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with contextlib.suppress(Exception):  # the store is created by the search
+                runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+        assert runs and first.poll() is None, "the search never started its MLflow run"
+        second = _run(work, "search.pareto", "--target", "a100", "--checkpoint", str(trained), "--data",
+                      str(work / "digits"), "--out", str(work / "p-once"), "--no-tracking", timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by PID {first.pid} on " in second.stderr.strip().splitlines()[-1]
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 130 and "marked KILLED" in err, err[-2000:]
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
