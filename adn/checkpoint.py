@@ -39,7 +39,11 @@ def save_weights(model: nn.Module, path: str | os.PathLike[str], *, model_name: 
         "extra": json.dumps(extra, default=str),
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a partial file on a full disk would keep it full
+        raise
     os.replace(tmp, path)
     return path
 

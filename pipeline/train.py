@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -32,7 +34,19 @@ from adn.checkpoint import WEIGHTS_NAME, save_weights
 from adn.complexity import mask_costs
 from adn.loss import DistillationConfig
 
-from .checkpoint import CHECKPOINTS, find_checkpoint, prune, rng_state, set_rng_state, step_tag
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    disk_full,
+    find_checkpoint,
+    guard_loads,
+    mark_complete,
+    prune,
+    rng_state,
+    set_rng_state,
+    size_of,
+    step_tag,
+)
 from .data import DataError, make_loader, read_manifest
 from .data.storage import parse_location
 from .distributed import RENDEZVOUS_TIMEOUT_S, ClusterError, setup_distributed
@@ -203,6 +217,23 @@ def _weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+class DiskFull(OSError):
+    """The disk filled while a checkpoint or the weights were written; the partial files are gone, the last
+    complete checkpoint stays."""
+
+    def __init__(self, directory: Path, what: str, need: int, estimated: bool) -> None:
+        try:
+            kept: str | None = find_checkpoint(directory.parent if what == WEIGHTS_NAME else directory).tag
+        except (CheckpointError, FileNotFoundError):
+            kept = None
+        free = shutil.disk_usage(directory).free
+        super().__init__(errno.ENOSPC, (
+            f"no space left on the device of {str(directory)!r} while writing {what}: it needs "
+            f"{'about ' if estimated else ''}{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free. The partial "
+            "files were removed; " + (f"checkpoint {kept} is intact: free space, then --resume." if kept
+                                      else "free space and start again.")))
+
+
 class Trainer:
     """Owns the engine, the loaders, the tracker and the loop; built once per process."""
 
@@ -258,6 +289,7 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                      config=deepspeed_config(cfg, precision, extra))
+        guard_loads(self.engine)
         if cfg["mode"] == "adn" and cfg["zero_stage"] >= 2 and self.world > 1 and self.rank == 0:
             log.warning("ZeRO-%d reduces the gradients after each backward, so an ADN step reduces twice (the "
                         "super-net's, then the base-net's): about 1 + params(base)/params(super) times a vanilla "
@@ -275,7 +307,10 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def resume(self, path: Path) -> dict[str, Any]:
-        directory, tag = find_checkpoint(path)
+        found = find_checkpoint(path)
+        directory, tag = found.directory, found.tag
+        if self.rank == 0:
+            print(found.describe(), file=sys.stderr, flush=True)
         loaded, client = self.engine.load_checkpoint(str(directory), tag=tag)
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag!r} from {str(directory)!r}.")
@@ -295,11 +330,31 @@ class Trainer:
         client = {"config": self.cfg, "rng": rng_state(), "mlflow_run_id": run_id,
                   "ema": self.ema.module.state_dict() if self.ema is not None else None,
                   "history": {k: {m: vars(a) for m, a in v.items()} for k, v in self.history.items()}}
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=step_tag(step), client_state=client)
+        tag = step_tag(step)
+        try:
+            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        except Exception as err:
+            try:  # the last complete checkpoint is the best guess of a checkpoint's size
+                need, estimated = size_of(self.ckpt_dir / find_checkpoint(self.ckpt_dir).tag), False
+            except (CheckpointError, FileNotFoundError):  # weights and two AdamW moments
+                need, estimated = 3 * sum(p.numel() * p.element_size() for p in self.model.parameters()), True
+            if not disk_full(err, self.ckpt_dir, need):
+                raise
+            shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # the partial files would keep the disk full
+            raise DiskFull(self.ckpt_dir, f"checkpoint {tag}", need, estimated) from err
+        torch.distributed.barrier()  # every rank's files are written
         if self.rank == 0:
+            mark_complete(self.ckpt_dir, tag, step)
             prune(self.ckpt_dir, self.cfg["keep_checkpoints"])
             if epoch_done or step == self.total_steps:
-                self.save_weights()
+                try:
+                    self.save_weights()
+                except Exception as err:
+                    need = sum(v.numel() * v.element_size() for v in self.model.state_dict().values())
+                    need *= 2 if self.ema is not None else 1
+                    if not disk_full(err, self.output, need):
+                        raise
+                    raise DiskFull(self.output, WEIGHTS_NAME, need, True) from err
         torch.distributed.barrier()
 
     def save_weights(self) -> Path:
@@ -376,38 +431,38 @@ class Trainer:
         batches = self.train_loader.iterate(start)
         if rng is not None:
             set_rng_state(rng)  # after the replayed batches: the next one is drawn as in the original run
-        bar = tqdm(total=stop, initial=start, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not rank0,
-                   unit="step", dynamic_ncols=True)
-        window: dict[str, float] = {}
-        window_steps, window_start = 0, time.perf_counter()
-        step = epoch * self.steps_per_epoch + start
-        for _, batch in zip(range(start, stop), batches, strict=False):
-            step_start, cpu_start = time.perf_counter(), time.process_time()
-            losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
-            if self.ema is not None:
-                self.ema.update(self.model, step=step)
-            step += 1
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v)
-            window_steps += 1
-            if replicas is not None:
-                self._verify_replicas(replicas, step)
-            if step % cfg["log_every"] == 0 or step == epoch * self.steps_per_epoch + stop:
-                elapsed = time.perf_counter() - window_start
-                metrics = {k: v / window_steps for k, v in window.items() if k != "loss_feat" or self.loss.feature_kd}
-                metrics["lr"] = self.engine.get_lr()[0]
-                metrics["images_per_s"] = window_steps * cfg["batch_size"] * self.world / max(elapsed, 1e-9)
-                self.tracker.log_metrics(metrics, step)
-                bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3g}",
-                                img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
-                window, window_steps, window_start = {}, 0, time.perf_counter()
-            self.step_time += time.perf_counter() - step_start
-            self.step_cpu += time.process_time() - cpu_start
-            self.steps_run += 1
-            bar.update(1)
-            if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
-                self.save(epoch_done=False)
-        bar.close()
+        with tqdm(total=stop, initial=start, desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not rank0,
+                  unit="step", dynamic_ncols=True) as bar:  # closed before an error is printed
+            window: dict[str, float] = {}
+            window_steps, window_start = 0, time.perf_counter()
+            step = epoch * self.steps_per_epoch + start
+            for _, batch in zip(range(start, stop), batches, strict=False):
+                step_start, cpu_start = time.perf_counter(), time.process_time()
+                losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=step)
+                step += 1
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + float(v)
+                window_steps += 1
+                if replicas is not None:
+                    self._verify_replicas(replicas, step)
+                if step % cfg["log_every"] == 0 or step == epoch * self.steps_per_epoch + stop:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = {k: v / window_steps for k, v in window.items()
+                               if k != "loss_feat" or self.loss.feature_kd}
+                    metrics["lr"] = self.engine.get_lr()[0]
+                    metrics["images_per_s"] = window_steps * cfg["batch_size"] * self.world / max(elapsed, 1e-9)
+                    self.tracker.log_metrics(metrics, step)
+                    bar.set_postfix(loss_ce=f"{metrics['loss_ce']:.3f}", loss_kd=f"{metrics['loss_kd']:.3g}",
+                                    img_s=f"{metrics['images_per_s']:.0f}", refresh=False)
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                self.step_time += time.perf_counter() - step_start
+                self.step_cpu += time.process_time() - cpu_start
+                self.steps_run += 1
+                bar.update(1)
+                if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
+                    self.save(epoch_done=False)
         return step
 
     def _verify_replicas(self, out: Any, step: int) -> None:
@@ -494,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         with output_lock(cfg["output"], "the training output") if rank == 0 else contextlib.nullcontext():
             trainer = Trainer(cfg, args)
             trainer.run()
-    except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError, LockHeld) as err:
+    except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError, LockHeld, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
