@@ -456,6 +456,10 @@ def run_node(opts: argparse.Namespace, train_args: list[str]) -> int:
         check_master_is_local(opts.master_addr)
     print(f"node {node_rank} of {len(hosts)} on {where}" + (f" (GLOO_SOCKET_IFNAME={iface}, the interface that "
           "reaches the master)" if iface else "") + f": {shlex.join(cmd)}", flush=True)
+    # SLURM signals every process of the step (sbatch --signal=USR1@120). SIGUSR1 would end DeepSpeed's
+    # launchers (its default action); ignored here, the ignoring is inherited by them, while the ranks set
+    # their own handler and stop at the next step with a checkpoint.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execv(sys.executable, cmd)
     return 1  # not reached
 

@@ -24,3 +24,36 @@ def raise_on_sigterm() -> None:
         raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+#: What asks a training to stop at the next step: SIGTERM (scancel, a preemption, Ctrl-C's cousin from a
+#: launcher) and SIGUSR1 (``sbatch --signal=USR1@120``: SLURM's warning before the time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A stop signal turned into a flag that the training loop reads between steps.
+
+    The loop finishes its step, writes a checkpoint and leaves (``Preempted``); under SLURM the job then
+    requeues itself and resumes. The handlers are inherited by forked data-loader workers, where they
+    only set a flag, so a signal sent to the whole process group does not kill a worker mid-batch.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+
+class Preempted(Exception):
+    """The training stopped on a signal after writing checkpoint ``tag`` at ``step``."""
+
+    def __init__(self, signum: int, step: int, tag: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {tag} is complete")
+        self.signum, self.step, self.tag = signum, step, tag

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ from .evaluate import Accuracy, evaluate
 from .lock import LockHeld, output_lock
 from .optim import build_optimizer, build_scheduler
 from .recipes import list_recipes, load_recipe
+from .signals import Preempted, StopRequest
 from .step import MODES, TrainStep
 from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
@@ -239,6 +241,8 @@ class Trainer:
 
     def __init__(self, cfg: dict[str, Any], args: argparse.Namespace) -> None:
         self.cfg, self.args = cfg, args
+        self.stop = StopRequest()  # first: a signal during start-up is kept for the first step, not fatal
+        self.stop.install()
         use_cuda = torch.cuda.is_available() and not args.cpu
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -414,9 +418,12 @@ class Trainer:
                 step = self.train_epoch(epoch, start, client.get("rng"), replicas)  # resumed: same RNG as then
                 client = {}
                 if step % self.steps_per_epoch == 0 or step == self.total_steps:
-                    self.end_epoch(epoch, step)
+                    self.end_epoch(epoch, step)  # evaluates and checkpoints
+                    if step < self.total_steps and (signum := self._stop_signal()):
+                        raise Preempted(signum, step, step_tag(step))
         except BaseException as err:
-            self.tracker.finish("FAILED" if isinstance(err, Exception) else "KILLED")
+            self.tracker.finish("FAILED" if isinstance(err, Exception) and not isinstance(err, Preempted)
+                                else "KILLED")
             raise
         finally:
             if replicas is not None:
@@ -461,9 +468,24 @@ class Trainer:
                 self.step_cpu += time.process_time() - cpu_start
                 self.steps_run += 1
                 bar.update(1)
-                if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and step % self.steps_per_epoch:
+                saved = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
+                if saved and step % self.steps_per_epoch:
                     self.save(epoch_done=False)
+                # Mid-epoch only (an epoch's last step is evaluated and checkpointed first, in run()).
+                if step % self.steps_per_epoch and step != self.total_steps and (signum := self._stop_signal()):
+                    if not saved:
+                        self.save(epoch_done=False)
+                    raise Preempted(signum, step, step_tag(step))
         return step
+
+    def _stop_signal(self) -> int:
+        """The stop signal any rank received (0: none); every rank calls it at the same steps, so all stop at
+        the same step even when the signal reached them a step apart."""
+        if self.world == 1:
+            return self.stop.signum
+        flag = torch.tensor([self.stop.signum], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
 
     def _verify_replicas(self, out: Any, step: int) -> None:
         with _full_weights(self.model, self.cfg["zero_stage"]):
@@ -531,6 +553,18 @@ class Trainer:
         return last
 
 
+def requeue() -> str:
+    """Under SLURM, put this job back in the queue (its batch script adds --resume on a restart); what to do next."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "continue with --resume."
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        reason = (done.stderr.strip().splitlines() or ["no reason"])[-1]
+        return f"SLURM did not requeue job {job} ({reason}); submit it again with --resume."
+    return f"SLURM job {job} requeued: it resumes from that checkpoint."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
@@ -549,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         with output_lock(cfg["output"], "the training output") if rank == 0 else contextlib.nullcontext():
             trainer = Trainer(cfg, args)
             trainer.run()
+    except Preempted as stop:
+        if rank == 0:
+            print(f"{stop}; " + requeue(), file=sys.stderr)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, DataError, TrackingError, ClusterError, LockHeld, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -134,6 +134,44 @@ def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(digits: Path, tm
     assert (out / "weights.safetensors").is_file()
 
 
+def test_slurm_usr1_checkpoints_requeues_the_job_and_it_resumes(digits: Path, tmp_path: Path) -> None:
+    """`sbatch --signal=USR1@120` before the time limit: both ranks stop at the same step with a checkpoint,
+    rank 0 requeues the job, and the restarted batch script resumes it to the end."""
+    out = tmp_path / "run"
+    steps = ["--epochs", "1", "--batch-size", "16", "--workers", "1"]  # 39 steps
+    with slurm_cluster(tmp_path / "slurm") as env:
+        done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", f"DATA={digits}",
+                     _args(*steps, "--output", str(out), "--no-tracking"),
+                     env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        job_id = re.search(r"SLURM job (\d+):", done.stdout).group(1)
+
+        def job() -> dict[str, str]:
+            text = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
+                                  text=True).stdout
+            return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+        wait_for(lambda: (out / "config.yaml").is_file() or job().get("JobState") in ("FAILED", "COMPLETED"), 240,
+                 "the training to start")
+        time.sleep(3)  # a few of the 39 steps
+        subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+        # A requeued job starts again after the credential lifetime (cred_expire, 20 s in this cluster's
+        # slurm.conf; 120 s by default): its old credential must have expired first.
+        wait_for(lambda: job().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+                 "the requeued job to finish", interval=1.0)
+        state = job()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
+    logs = out / "logs"
+    node0 = (logs / f"slurm-{job_id}-node0.log").read_text()
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+); checkpoint (step\d+) is complete; SLURM job "
+                        + job_id + " requeued: it resumes from that checkpoint.", node0)
+    assert stopped, node0[-3000:]
+    assert 0 < int(stopped.group(1)) < 39
+    assert f"restart 1 of job {job_id}: resuming" in (logs / f"slurm-{job_id}.out").read_text()
+    assert f"resuming from {out / 'checkpoints' / stopped.group(2)}" in node0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 39
+
+
 def _netns(name: str) -> None:
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)

@@ -111,6 +111,39 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
         assert torch.equal(expected[k], got[k]), k
 
 
+def test_sigusr1_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_identical(
+        reference_run: Path, digits: Path, tmp_path: Path) -> None:
+    """SLURM's warning before a time limit (``sbatch --signal=USR1@120``): the step finishes, a checkpoint is
+    written, the process leaves with 128 + SIGUSR1; --resume then ends where an uninterrupted run ends."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output",
+                             str(out), "--no-tracking"], cwd=tmp_path, env=train_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "config.yaml").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # into the first epoch
+        proc.send_signal(signal.SIGUSR1)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert last == (f"stopped by SIGUSR1 at step {step}; checkpoint step{step:09d} is complete; continue with "
+                    "--resume.")
+    assert 0 < step < 78 and (out / "checkpoints" / "latest").read_text() == f"step{step:09d}"
+    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / 'checkpoints' / f'step{step:09d}'}" in resumed.stderr
+    expected = load_file(reference_run / "run" / "weights.safetensors")
+    got = load_file(out / "weights.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_resume_from_an_epoch_end_checkpoint_ends_with_the_same_weights(reference_run: Path, digits: Path,
                                                                       tmp_path: Path) -> None:
     out = tmp_path / "run"
