@@ -308,6 +308,8 @@ class Trainer:
         self.step_time, self.steps_run = 0.0, 0  # the loop's own time (steps and their logging), this process
         self.step_cpu = 0.0  # CPU time of this process (all its threads, the tracker's sender too) over the steps
         self.history: dict[str, dict[str, Accuracy]] = {}
+        self.data_report: dict[str, int] = {}  # evaluated and skipped samples at the last evaluation
+        self._bad_seen = {"train": 0, "val": 0}
 
     # -- state ---------------------------------------------------------------------------------
     def resume(self, path: Path) -> dict[str, Any]:
@@ -500,6 +502,7 @@ class Trainer:
     def end_epoch(self, epoch: int, step: int) -> None:
         results = evaluate(self.model, self.val_loader, self.eval_masks, device=self.device,
                            total=len(self.val_loader), progress=self.rank == 0, desc="validate")
+        bad = self._bad_samples()  # this epoch's, before the EMA's pass reads the val split again
         metrics = {}
         for mask, acc in results.items():
             metrics[f"val_acc1_{mask}"] = acc.acc1
@@ -509,13 +512,29 @@ class Trainer:
                                       device=self.device).items():
                 metrics[f"val_ema_acc1_{mask}"] = acc.acc1
                 metrics[f"val_ema_acc5_{mask}"] = acc.acc5
-        metrics["epoch"] = epoch + 1
+            self._bad_samples()
+        evaluated, listed = next(iter(results.values())).samples, self.val_loader.manifest.num_samples
+        metrics.update(epoch=epoch + 1, val_samples=evaluated, bad_samples_train=bad["train"],
+                       bad_samples_val=bad["val"])
         self.tracker.log_metrics(metrics, step)
         self.history[f"epoch{epoch + 1}"] = results
+        self.data_report = {"val_samples": evaluated, "val_manifest_samples": listed,
+                            "bad_samples_train": bad["train"], "bad_samples_val": bad["val"]}
         if self.rank == 0:
             line = ", ".join(f"{m} {a.acc1:.2%}" for m, a in results.items())
-            tqdm.write(f"epoch {epoch + 1}: top-1 {line}")
+            tqdm.write(f"epoch {epoch + 1}: top-1 {line} on {evaluated} of {listed} val images"
+                       + (f" ({bad['val']} unreadable, skipped)" if bad["val"] else "")
+                       + (f"; {bad['train']} training images unreadable this epoch" if bad["train"] else ""))
         self.save(epoch_done=True)
+
+    def _bad_samples(self) -> dict[str, int]:
+        """Samples skipped as unreadable since the last call, over every rank and loader worker."""
+        totals = torch.tensor([self.train_loader.bad_samples, self.val_loader.bad_samples], device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(totals)
+        new = {"train": int(totals[0]) - self._bad_seen["train"], "val": int(totals[1]) - self._bad_seen["val"]}
+        self._bad_seen = {"train": int(totals[0]), "val": int(totals[1])}
+        return new
 
     def finish(self) -> dict[str, Accuracy]:
         last = self.history[max(self.history, key=lambda k: int(k.removeprefix("epoch")))] if self.history else {}
@@ -527,7 +546,7 @@ class Trainer:
                      "acc5": last[str(c.mask)].acc5 if str(c.mask) in last else None,
                      "gflops": c.gflops, "params_m": c.params_m} for c in costs]
             summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
-                       "resolution": resolution, "masks": rows,
+                       "resolution": resolution, "masks": rows, "data": self.data_report,
                        "timing": {"steps_run": self.steps_run, "step_s": self.step_time, "step_cpu_s": self.step_cpu,
                                   "tracking_sender_cpu_s": self.tracker.sender_cpu_s,
                                   "steps_per_s": self.steps_run / self.step_time if self.step_time else None}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,29 @@ def test_training_from_http_shards_ends_with_the_same_weights(digits: Path, tmp_
             assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(runs["local"] / "weights.safetensors"), load_file(runs["http"] / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_verify_streams_every_shard_and_names_the_ones_that_differ(digits: Path, tmp_path: Path) -> None:
+    """Nothing checked a shard's sha256: a shard changed in place (same size) streamed and trained silently."""
+    require("curl")
+    from pipeline.data.verify import main as verify_main
+
+    assert verify_main([str(digits)]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    shard = sorted(copy.glob("val-*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # one byte inside the first member: same size, so reading the manifest notices nothing
+    shard.write_bytes(bytes(data))
+    with http_server(copy) as url:
+        done = subprocess.run([sys.executable, "-m", "pipeline.data.verify", url, "--split", "val", "--split",
+                               "train"], capture_output=True, text=True, timeout=120, env=train_env())
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: 1 of {len(list(copy.glob('[tv]*.tar')))} shards differ from their manifests: "
+                           f"{url}/{shard.name}: sha256 ")
+    assert last.endswith("..., the val manifest says " + json.loads((copy / "val.json").read_text())["shards"][0][
+        "sha256"][:12] + "....")
 
 
 def test_a_shard_that_answers_404_is_one_error_naming_it(digits: Path, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -17,6 +19,8 @@ from safetensors.torch import load_file
 
 from adn.checkpoint import load_trained, read_metadata
 from pipeline.data import make_loader
+from pipeline.data.shard import write_shards
+from pipeline.data.sources import digits_samples
 from pipeline.evaluate import evaluate
 
 from ..daemons import free_port, wait_for
@@ -203,6 +207,25 @@ def test_a_second_training_on_one_output_is_refused(digits: Path, tmp_path: Path
     assert first.returncode == 0, err[-3000:]
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
+
+
+def test_unreadable_val_images_are_counted_beside_the_accuracy(digits: Path, tmp_path: Path) -> None:
+    """Validation scored 356 of 360 samples and said nothing; now every accuracy says how many it covers."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in digits.iterdir():
+        if not path.name.startswith("val"):
+            os.link(path, data / path.name)
+    classes, splits = digits_samples()
+    refs = list(splits["val"])
+    refs[5] = dataclasses.replace(refs[5], path="", offset=-1, size=-1, data=b"not an image" * 20)
+    write_shards(refs, classes, data, "val", shard_size=400)
+    done = _train("--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--workers",
+                  "1", "--data", str(data), "--output", str(tmp_path / "run"), "--no-tracking", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 359 of 360 val images (1 unreadable, skipped)" in done.stdout
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())["data"]
+    assert report == {"val_samples": 359, "val_manifest_samples": 360, "bad_samples_train": 0, "bad_samples_val": 1}
 
 
 def test_resume_with_other_settings_is_refused(reference_run: Path, digits: Path) -> None:
