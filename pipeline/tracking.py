@@ -68,9 +68,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as err:
-        raise TrackingError(
-            f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); start it "
-            "(make mlflow-server) or unset MLFLOW_TRACKING_URI to use a local SQLite store.") from err
+        from_env = os.environ.get("MLFLOW_TRACKING_URI", "").rstrip("/") == uri.rstrip("/")
+        other = ("unset MLFLOW_TRACKING_URI to use a local SQLite store" if from_env else
+                 "leave out --tracking-uri to use a local SQLite store")
+        raise TrackingError(f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); start it "
+                            f"(make mlflow-server), {other}, or pass --no-tracking.") from err
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

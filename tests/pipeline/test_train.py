@@ -252,6 +252,8 @@ def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Pat
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+    if "unreachable" in message:  # the hint names what the user did: the flag, not the environment variable
+        assert "leave out --tracking-uri" in last and "MLFLOW_TRACKING_URI" not in last
 
 
 def _flaky_store(tmp_path: Path, **kwargs):
