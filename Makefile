@@ -87,6 +87,7 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/search_eval.py
 	$(PY) benchmarks/comms.py
+	$(PY) benchmarks/checkpoint.py
 
 lint: install  ## ruff
 	$(PY) -m ruff check adn pipeline search cluster tests benchmarks

@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adn: two-pass self-distillation; vanilla: the super-net alone; base: the base-net alone")
     p.add_argument("--output", help="run directory for checkpoints, weights and config (default runs/MODEL-MODE)")
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
-                   help="continue from the latest checkpoint of --output, or of PATH")
+                   help="continue from the newest complete checkpoint of --output, or of PATH (an output directory "
+                        "or one checkpoint tag); SIGTERM or SIGUSR1 stops a run with a checkpoint to resume from")
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="samples per rank per step")
@@ -225,7 +226,7 @@ class DiskFull(OSError):
 
     def __init__(self, directory: Path, what: str, need: int, estimated: bool) -> None:
         try:
-            kept: str | None = find_checkpoint(directory.parent if what == WEIGHTS_NAME else directory).tag
+            kept: str | None = find_checkpoint(directory).tag  # the output or its checkpoints directory
         except (CheckpointError, FileNotFoundError):
             kept = None
         free = shutil.disk_usage(directory).free
@@ -577,7 +578,10 @@ def requeue() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return "continue with --resume."
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"SLURM did not requeue job {job} ({err}); submit it again with --resume."
     if done.returncode:
         reason = (done.stderr.strip().splitlines() or ["no reason"])[-1]
         return f"SLURM did not requeue job {job} ({reason}); submit it again with --resume."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -254,6 +255,24 @@ def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Pat
     assert last.startswith("error: ") and message in last
     if "unreachable" in message:  # the hint names what the user did: the flag, not the environment variable
         assert "leave out --tracking-uri" in last and "MLFLOW_TRACKING_URI" not in last
+
+
+@pytest.mark.parametrize(("raised", "status"), [(ValueError("bad weights"), "FAILED"),
+                                                (KeyboardInterrupt(), "KILLED"), (None, "RUNNING")])
+def test_a_block_that_raises_leaves_its_run_failed_or_killed(raised: BaseException | None, status: str,
+                                                             tmp_path: Path) -> None:
+    """A search that failed or was killed left its MLflow parent run RUNNING for ever."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "exit", "run")
+    with contextlib.suppress(ValueError, KeyboardInterrupt), tracker:
+        if raised is not None:
+            raise raised
+    tracker.flush(timeout_s=30)
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == status  # a clean exit leaves it to finish()
 
 
 def _flaky_store(tmp_path: Path, **kwargs):
