@@ -273,8 +273,12 @@ def problems(table: dict[str, Any], report: dict[str, Any], tolerance: float, ma
     whose speed changes under them: the remainder came out at -17.65 ms and 8 of 16 masks negative.
     """
     out = []
-    if table["remainder_ms"] < 0:
-        out.append(f"a negative remainder between parts ({table['remainder_ms']:.2f} ms)")
+    # The remainder is fitted (whole networks minus their parts), so it carries the noise of both: resnet50's
+    # came out at -0.35 and -0.83 ms on a quiet machine. Beyond the tolerance of the fastest mask it is load.
+    fastest = min(r["measured_ms"] for r in report["rows"])
+    if table["remainder_ms"] < -tolerance * fastest:
+        out.append(f"a negative remainder between parts ({table['remainder_ms']:.2f} ms, beyond {tolerance:.0%} of "
+                   f"the fastest mask's {fastest:.2f} ms)")
     negative = [r["mask"] for r in report["rows"] if r["predicted_ms"] <= 0]
     if negative:
         out.append(f"{len(negative)} masks predicted at zero or below")

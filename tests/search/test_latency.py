@@ -172,15 +172,20 @@ def test_a_table_failing_its_own_checks_is_measured_again_then_refused(user_luts
     calls = []
     monkeypatch.setattr(profile, "measure_table", lambda *a, **k: calls.append(1) or _skewed(real, -17.65)(*a, **k))
     with pytest.raises(BusyMachineError, match=r"too busy .* 3 attempts .* negative remainder between parts "
-                                               r"\(-17.65 ms\)"):
+                                               r"\(-17.65 ms, beyond 5% of the fastest mask's"):
         local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
     assert len(calls) == 3 and not list(user_luts.rglob("*.json")), "a refused table must not be cached"
 
-    # A bad attempt, then a good one: the good one is kept, and says which attempt it was.
-    outcomes = iter([_skewed(real, 0.5, mape=0.2), real])
+    # A remainder slightly below 0 is the noise of a fitted term, not load: kept.
+    monkeypatch.setattr(profile, "measure_table", _skewed(real, -0.002))
+    assert local_table("resnet_mini", 1, None, rounds=3, num_classes=100)["remainder_ms"] == -0.002
+
+    # A bad attempt, then a good one (its validation exact, so a busy CI machine cannot fail it): the good one
+    # is kept, and says which attempt it was.
+    outcomes = iter([_skewed(real, 0.5, mape=0.2), _skewed(real, 0.5)])
     monkeypatch.setattr(profile, "measure_table", lambda *a, **k: next(outcomes)(*a, **k))
     table = local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
-    assert table["self_validation"]["attempt"] == 2 and table["self_validation"]["mape"] <= TOLERANCE
+    assert table["self_validation"]["attempt"] == 2 and table["self_validation"]["mape"] == pytest.approx(0)
     assert load_table(table["path"])["remainder_ms"] == table["remainder_ms"]
 
 
