@@ -15,8 +15,9 @@ range. On CUDA, times come from CUDA events around back-to-back calls after a sy
 Every table validates itself: the whole network under every mask is timed as separate samples in
 the same rounds (so both see the same machine) and compared with ``search.latency.predict``:
 per-mask error, the mean absolute percentage error (``mape``) and the worst error (``max_error``),
-both as fractions. A table with a MAPE above ``--tolerance``, a negative remainder, or rounds that
-spread (a neighbour took a core for part of the run) is measured again, and after ``--attempts``
+both as fractions. A table with a MAPE above ``--tolerance``, a mask predicted at 0 ms or below, a
+negative remainder beyond the tolerance of the fastest mask, or rounds that spread (a neighbour
+took a core for part of the run) is measured again, and after ``--attempts``
 the command fails saying the machine was too busy: two measurements at once once cached a table
 with negative latencies. ``--validate`` prints the validation; ``validate(table)`` checks a saved
 table again later.
@@ -294,8 +295,9 @@ def measure_checked(name: str, device: str = "cpu", batch_size: int = 1, resolut
                     attempts: int = ATTEMPTS, max_spread: float = MAX_SPREAD,
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A table that passed its self-validation, with that validation: every mask timed end to end in the
-    same rounds as the parts, the table's MAPE against them at most ``tolerance``, no negative piece, and
-    rounds that agree. A failed attempt is measured again; after ``attempts`` failures ``BusyMachineError``.
+    same rounds as the parts, the table's MAPE against them at most ``tolerance``, no mask at 0 ms or below,
+    no remainder further below 0 than ``tolerance`` of the fastest mask, and rounds that agree. A failed
+    attempt is measured again; after ``attempts`` failures ``BusyMachineError``.
     """
     masks = list(SkipMask.all(skeleton(name).num_stages))
     why: list[str] = []
@@ -379,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the self-validation: every mask timed end to end beside the parts, and the error")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help="the largest MAPE of the table against its own validation for it to be kept "
-                        "(default %(default)s); a table above it, with a negative part, or timed while the "
-                        "machine was busy is measured again")
+                        "(default %(default)s); a table above it, with a mask at 0 ms or below or a negative "
+                        "remainder beyond it, or timed while the machine was busy is measured again")
     p.add_argument("--attempts", type=int, default=ATTEMPTS,
                    help="measurements before a busy machine is reported as an error (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON (the validation when --validate, else the table)")
