@@ -22,8 +22,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from pipeline.data import DataError, has_split, read_manifest
 from pipeline.data.shard import HOLDOUT_SPLIT
 from pipeline.data.storage import parse_location
 from pipeline.lock import LockHeld, output_lock
-from pipeline.signals import raise_on_sigterm
+from pipeline.signals import Terminated, raise_on_sigterm
 from pipeline.tracking import UI_MODEL_TRAINING, Tracker, TrackingError, check_reachable, resolve_tracking_uri
 
 from .latency import TableError, check_table_for, predict, resolve
@@ -161,6 +163,17 @@ def probe_ray(address: str) -> None:
         raise ValueError(f"no Ray cluster answers at {address}; start one (make ray-head) or fix --ray-address.")
 
 
+@contextlib.contextmanager
+def _sigterm_during_init() -> Iterator[None]:
+    """A SIGTERM while ``ray.init`` runs meets Ray's own handler, ``sys.exit(15)``: made an interruption too."""
+    try:
+        yield
+    except SystemExit as err:
+        if err.code != signal.SIGTERM:
+            raise
+        raise Terminated("stopped by SIGTERM") from None
+
+
 def connect_ray(address: str | None) -> None:
     """Join the cluster at ``address`` (with the token of ``make ray-head``), or start a local Ray.
 
@@ -170,12 +183,15 @@ def connect_ray(address: str | None) -> None:
     import ray
 
     if not address:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=os.cpu_count() or 1)
+        with _sigterm_during_init():
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     num_cpus=os.cpu_count() or 1)
         raise_on_sigterm()
         return
     probe_ray(address)
     try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        with _sigterm_during_init():
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot join the Ray cluster at {address} ({reason.rstrip('.')}); start one "
