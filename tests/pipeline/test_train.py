@@ -24,7 +24,7 @@ from pipeline.data.shard import write_shards
 from pipeline.data.sources import digits_samples
 from pipeline.evaluate import evaluate
 
-from ..daemons import free_port, wait_for
+from ..daemons import free_port, stop, wait_for
 from .conftest import train_env
 
 # Small and fast: 2 epochs of 39 steps at batch 32 (1,257 training digits), 1 loader worker.
@@ -132,9 +132,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_identic
         proc.send_signal(signal.SIGUSR1)
         _, err = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode == 128 + signal.SIGUSR1, err[-3000:]
     last = err.strip().splitlines()[-1]
     step = int(last.split("at step ")[1].split(";")[0])
@@ -196,9 +194,7 @@ def test_a_second_training_on_one_output_is_refused(digits: Path, tmp_path: Path
                         cwd=tmp_path, timeout=120)
         _, err = first.communicate(timeout=300)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        stop(first)
     assert second.returncode == 2, second.stderr[-2000:]
     last = second.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the training output {str(out)!r} is in use by PID {first.pid} on "

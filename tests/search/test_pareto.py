@@ -25,6 +25,8 @@ from search.accuracy import MaskEvaluator
 from search.latency import load_table, predict
 from search.pareto import Candidate, hypervolume, pareto_front
 
+from ..daemons import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -328,9 +330,7 @@ def test_one_search_per_out_and_a_killed_search_is_marked_killed(trained: Path, 
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=120)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        stop(first)
     assert first.returncode == 130 and "marked KILLED" in err, err[-2000:]
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
 
