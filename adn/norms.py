@@ -80,3 +80,15 @@ def _parent(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The submodule holding dotted path ``name``, and the attribute name under it."""
     parent_name, _, child = name.rpartition(".")
     return (module.get_submodule(parent_name) if parent_name else module), child
+
+
+def copy_kept_norms(model: nn.Module) -> nn.Module:
+    """Give every switchable norm's skipped-mode copy its kept-mode values: a plain network cut naively.
+
+    A network trained without ADN (a vanilla run) never runs a skipped mask, so its skipped-mode
+    copies hold their initial values; a plain network has one set of norms, the kept one.
+    """
+    for module in model.modules():
+        if isinstance(module, SwitchableNorm):
+            module.norms[1].load_state_dict(module.norms[0].state_dict())
+    return model

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .norms import SwitchableNorm
+from .pretrained import TIMM_ARCH, locate
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,12 +36,17 @@ def create_model(
 ) -> nn.Module:
     """Build an ADN super-net by name.
 
-    ``pretrained=True`` starts from timm's weights (timm's cache or ``pretrained_cfg_overlay=dict(file=...)``);
+    ``pretrained=True`` starts from timm's weights (the hub cache, a download, or ``pretrained_cfg_overlay=dict(
+    file=...)``; offline without the cached file it raises ``adn.pretrained.PretrainedUnavailable`` at once);
     ``checkpoint_path`` loads a local state dict, either a plain timm one (each norm is copied into both
     halves of its switchable pair) or one saved from an ADN model. Other kwargs go to the timm constructor.
     """
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
+    if pretrained and name in TIMM_ARCH and "file" not in (kwargs.get("pretrained_cfg_overlay") or {}):
+        cached = locate(name)  # offline: one sentence now, not minutes of hub retries
+        if cached is not None:
+            kwargs["pretrained_cfg_overlay"] = {**(kwargs.get("pretrained_cfg_overlay") or {}), "file": str(cached)}
     model = _MODELS[name](pretrained=pretrained, num_classes=num_classes, **kwargs)
     if checkpoint_path is not None:
         load_timm_state_dict(model, load_state_dict_file(checkpoint_path))
@@ -65,8 +71,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     return state
 
 
-def load_timm_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a plain timm state dict (or an ADN one) into an ADN model, strictly.
+def map_timm_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain timm state dict's keys as the ADN model names them (ADN keys pass through).
 
     A plain key ``<norm>.<param>`` of a switchable norm fills ``<norm>.norms.0.<param>`` and
     ``<norm>.norms.1.<param>``: the pretrained norm starts both modes.
@@ -80,7 +86,12 @@ def load_timm_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
             mapped[f"{prefix}.norms.1.{leaf}"] = value.clone()
         else:
             mapped[key] = value
-    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    return mapped
+
+
+def load_timm_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load a plain timm state dict (or an ADN one) into an ADN model, strictly (``map_timm_state_dict``)."""
+    missing, unexpected = model.load_state_dict(map_timm_state_dict(model, state_dict), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint does not fit {getattr(model, 'adn_name', type(model).__name__)}: "

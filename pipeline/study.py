@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from adn.checkpoint import WEIGHTS_NAME, load_trained
 from adn.complexity import mask_costs
-from adn.norms import SwitchableNorm
+from adn.norms import copy_kept_norms as naive_skipping  # a vanilla network cut as a plain one would be
 
 from .checkpoint import CHECKPOINTS
 from .data import DataError, read_manifest
@@ -71,18 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="adn-study", help="MLflow experiment of the parent and child runs")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     return p.parse_args(argv)
-
-
-def naive_skipping(model: torch.nn.Module) -> torch.nn.Module:
-    """Make a network trained without ADN skip naively: every switchable norm uses its kept-mode copy.
-
-    A vanilla training never runs a skipped mask, so the skipped-mode copies hold their
-    initial values; a plain network has one set of norms, the kept one, whatever is skipped.
-    """
-    for module in model.modules():
-        if isinstance(module, SwitchableNorm):
-            module.norms[1].load_state_dict(module.norms[0].state_dict())
-    return model
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -52,6 +52,9 @@ from .data import DataError, make_loader, read_manifest
 from .data.storage import parse_location
 from .distributed import RENDEZVOUS_TIMEOUT_S, ClusterError, setup_distributed
 from .evaluate import Accuracy, evaluate
+from .init_from import InitSource
+from .init_from import build as build_from
+from .init_from import resolve as resolve_init
 from .lock import LockHeld, output_lock
 from .optim import build_optimizer, build_scheduler
 from .recipes import list_recipes, load_recipe
@@ -78,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="", metavar="PATH",
                    help="continue from the newest complete checkpoint of --output, or of PATH (an output directory "
                         "or one checkpoint tag); SIGTERM or SIGUSR1 stops a run with a checkpoint to resume from")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start from trained weights instead of random ones (a fine-tune, e.g. with a *_finetune "
+                        "recipe): 'timm' (timm's pretrained weights, from the hub cache), PATH (a plain timm or ADN "
+                        "state dict, or a training output directory) or 'mlflow:RUN_ID' (that run's weights); the "
+                        "super-net and base-net are evaluated before the first step")
     g = p.add_argument_group("recipe overrides")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="samples per rank per step")
@@ -98,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs; 0: "
+                                                 "only initialise, evaluate and write the weights)")
     g.add_argument("--rendezvous-timeout", type=float, default=RENDEZVOUS_TIMEOUT_S, metavar="S",
                    help="seconds the ranks wait for each other at start (an unreachable MASTER_ADDR fails after this)")
     g.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -162,6 +171,15 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         "keep_checkpoints": args.keep_checkpoints,
         "log_every": args.log_every,
     }
+    cfg["init_from"] = args.init_from or recipe.get("init_from")
+    if args.init_from and args.resume is not None:
+        raise ValueError("--init-from starts a new run from other weights and --resume continues a run from its own; "
+                         "pass one of them.")
+    if recipe.get("finetune") and not cfg["init_from"]:
+        raise ValueError(f"recipe {recipe_name} fine-tunes trained weights (a short schedule at a low learning rate); "
+                         "pass --init-from timm|PATH|mlflow:RUN_ID, or use the from-scratch recipe.")
+    if cfg["max_steps"] is not None and cfg["max_steps"] < 0:
+        raise ValueError(f"--max-steps must be 0 or more, got {cfg['max_steps']}.")
     if cfg["model"] != recipe["model"] and args.recipe is None:
         raise ValueError(f"no recipe is named {model!r}; pass --recipe.")
     for key in ("epochs", "batch_size"):
@@ -240,8 +258,8 @@ class DiskFull(OSError):
 class Trainer:
     """Owns the engine, the loaders, the tracker and the loop; built once per process."""
 
-    def __init__(self, cfg: dict[str, Any], args: argparse.Namespace) -> None:
-        self.cfg, self.args = cfg, args
+    def __init__(self, cfg: dict[str, Any], args: argparse.Namespace, init: InitSource | None = None) -> None:
+        self.cfg, self.args, self.init = cfg, args, init
         self.stop = StopRequest()  # first: a signal during start-up is kept for the first step, not fatal
         self.stop.install()
         use_cuda = torch.cuda.is_available() and not args.cpu
@@ -272,11 +290,16 @@ class Trainer:
         self.classes = self.train_loader.classes
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg["epochs"] * self.steps_per_epoch
-        if cfg["max_steps"]:
+        if cfg["max_steps"] is not None:
             self.total_steps = min(self.total_steps, cfg["max_steps"])
 
         torch.manual_seed(cfg["seed"])  # the same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
-        self.model = create_model(cfg["model"], num_classes=len(self.classes), **cfg["model_kwargs"])
+        if init is None:
+            self.model = create_model(cfg["model"], num_classes=len(self.classes), **cfg["model_kwargs"])
+        else:
+            self.model, notes = build_from(init, cfg["model"], len(self.classes), **cfg["model_kwargs"])
+            if self.rank == 0:
+                log.info("initialised from %s%s", init.describe(), "".join(f"; {n}" for n in notes))
         adn = cfg["adn"]
         self.loss = DistillationConfig(alpha=adn["alpha"], temperature=adn["temperature"], kd_topk=adn["kd_topk"],
                                        feature_kd=adn.get("feature_kd", 0.0),
@@ -309,6 +332,8 @@ class Trainer:
         self.step_time, self.steps_run = 0.0, 0  # the loop's own time (steps and their logging), this process
         self.step_cpu = 0.0  # CPU time of this process (all its threads, the tracker's sender too) over the steps
         self.history: dict[str, dict[str, Accuracy]] = {}
+        self.epoch_log: list[dict[str, Any]] = []  # per evaluation: images seen, step time since the last one, top-1s
+        self._step_time_logged = 0.0
         self.data_report: dict[str, int] = {}  # evaluated and skipped samples at the last evaluation
         self._bad_seen = {"train": 0, "val": 0}
 
@@ -336,6 +361,7 @@ class Trainer:
         run_id = self.tracker.run_id if self.tracker else None
         client = {"config": self.cfg, "rng": rng_state(), "mlflow_run_id": run_id,
                   "ema": self.ema.module.state_dict() if self.ema is not None else None,
+                  "epoch_log": self.epoch_log,
                   "history": {k: {m: vars(a) for m, a in v.items()} for k, v in self.history.items()}}
         tag = step_tag(step)
         try:
@@ -381,6 +407,7 @@ class Trainer:
         if self.args.resume is not None:
             client = self.resume(Path(self.args.resume or self.output))
             self.history = {k: {m: Accuracy(**a) for m, a in v.items()} for k, v in client.get("history", {}).items()}
+            self.epoch_log = list(client.get("epoch_log", []))
         elif (self.ckpt_dir / "latest").exists():
             raise ValueError(f"{str(self.output)!r} already holds a checkpoint; pass --resume to continue it "
                              "or choose another --output.")
@@ -411,6 +438,10 @@ class Trainer:
         torch.distributed.barrier()
 
         step = self.engine.global_steps
+        if not client and (self.init is not None or self.total_steps == 0):
+            self.evaluate_at(0, 0)  # where a fine-tune starts: the super-net is the network it was given
+            if self.total_steps == 0 and rank0:
+                self.save_weights()
         replicas = None
         if self.args.verify_replicas:
             (self.output / "replicas").mkdir(parents=True, exist_ok=True)
@@ -501,6 +532,11 @@ class Trainer:
             raise RuntimeError(f"ranks hold different weights after step {step}: {gathered}")
 
     def end_epoch(self, epoch: int, step: int) -> None:
+        self.evaluate_at(epoch + 1, step)
+        self.save(epoch_done=True)
+
+    def evaluate_at(self, epoch: int, step: int) -> None:
+        """Validate after ``epoch`` epochs (0: the initial weights), log it and keep it for the summary."""
         results = evaluate(self.model, self.val_loader, self.eval_masks, device=self.device,
                            total=len(self.val_loader), progress=self.rank == 0, desc="validate")
         bad = self._bad_samples()  # this epoch's, before the EMA's pass reads the val split again
@@ -515,18 +551,23 @@ class Trainer:
                 metrics[f"val_ema_acc5_{mask}"] = acc.acc5
             self._bad_samples()
         evaluated, listed = next(iter(results.values())).samples, self.val_loader.manifest.num_samples
-        metrics.update(epoch=epoch + 1, val_samples=evaluated, bad_samples_train=bad["train"],
-                       bad_samples_val=bad["val"])
+        images = step * self.cfg["batch_size"] * self.world
+        metrics.update(epoch=epoch, val_samples=evaluated, bad_samples_train=bad["train"],
+                       bad_samples_val=bad["val"], images_seen=images)
         self.tracker.log_metrics(metrics, step)
-        self.history[f"epoch{epoch + 1}"] = results
+        self.history[f"epoch{epoch}"] = results
+        self.epoch_log.append({"epoch": epoch, "step": step, "images": images,
+                               "step_s": self.step_time - self._step_time_logged,
+                               "acc1": {m: a.acc1 for m, a in results.items()}})
+        self._step_time_logged = self.step_time
         self.data_report = {"val_samples": evaluated, "val_manifest_samples": listed,
                             "bad_samples_train": bad["train"], "bad_samples_val": bad["val"]}
         if self.rank == 0:
             line = ", ".join(f"{m} {a.acc1:.2%}" for m, a in results.items())
-            tqdm.write(f"epoch {epoch + 1}: top-1 {line} on {evaluated} of {listed} val images"
+            when = f"epoch {epoch}" if epoch else f"before any step ({self.init.describe() if self.init else 'random'})"
+            tqdm.write(f"{when}: top-1 {line} on {evaluated} of {listed} val images"
                        + (f" ({bad['val']} unreadable, skipped)" if bad["val"] else "")
                        + (f"; {bad['train']} training images unreadable this epoch" if bad["train"] else ""))
-        self.save(epoch_done=True)
 
     def _bad_samples(self) -> dict[str, int]:
         """Samples skipped as unreadable since the last call, over every rank and loader worker."""
@@ -547,7 +588,8 @@ class Trainer:
                      "acc5": last[str(c.mask)].acc5 if str(c.mask) in last else None,
                      "gflops": c.gflops, "params_m": c.params_m} for c in costs]
             summary = {"model": self.cfg["model"], "mode": self.cfg["mode"], "steps": self.engine.global_steps,
-                       "resolution": resolution, "masks": rows, "data": self.data_report,
+                       "init_from": self.cfg["init_from"], "resolution": resolution, "masks": rows,
+                       "evaluations": self.epoch_log, "data": self.data_report,
                        "timing": {"steps_run": self.steps_run, "step_s": self.step_time, "step_cpu_s": self.step_cpu,
                                   "tracking_sender_cpu_s": self.tracker.sender_cpu_s,
                                   "steps_per_s": self.steps_run / self.step_time if self.step_time else None}}
@@ -593,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    init: InitSource | None = None
     try:
         cfg = resolve_config(args)
         read_manifest(cfg["data_dir"], "train")
@@ -603,8 +646,14 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
         # One writer per output: global rank 0 holds its lock for the whole run (the other ranks write
         # only their own replica logs into it).
+        if cfg["init_from"] and args.resume is None:  # every rank reads the weights itself (norm buffers too)
+            init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
+                                args.tracking_uri, cfg["data"])
+            if rank == 0:
+                for note in init.notes:
+                    log.warning("%s", note)
         with output_lock(cfg["output"], "the training output") if rank == 0 else contextlib.nullcontext():
-            trainer = Trainer(cfg, args)
+            trainer = Trainer(cfg, args, init)
             trainer.run()
     except Preempted as stop:
         if rank == 0:
@@ -614,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        if init is not None:
+            init.cleanup()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -53,7 +53,7 @@ def resnet_mini(pretrained: bool = False, **kwargs: Any) -> ADNResNet:
     model = ResNet(stem_type="deep", stem_width=width // 2, **kwargs)
     model.conv1 = nn.Conv2d(kwargs.get("in_chans", 3), width, 3, padding=1, bias=False)
     model.maxpool = nn.Identity()
-    model.pretrained_cfg = small_input_cfg(model.num_classes)
+    model.pretrained_cfg = small_input_cfg(model.num_classes, "fc")
     return _adaptify(model, "resnet_mini")
 
 

@@ -58,5 +58,5 @@ def vit_mini(pretrained: bool = False, **kwargs: Any) -> ADNVisionTransformer:
     kwargs = {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 8, "num_heads": 4, "mlp_ratio": 2.0,
               **kwargs}
     model = VisionTransformer(**kwargs)
-    model.pretrained_cfg = small_input_cfg(model.num_classes)
+    model.pretrained_cfg = small_input_cfg(model.num_classes, "head")
     return _adaptify(model, "vit_mini")
