@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,6 @@ from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_
 MODES = ("vanilla", "base", "adn")
 ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla": "vanilla (super-net alone)",
              "base_alone": "base-net alone"}
-#: the settings a finished training's config.yaml must match for a study to reuse it
-REUSE_KEYS = ("model", "recipe", "mode", "epochs", "seed", "data_dir", "max_steps")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default="adn-study", help="MLflow experiment of the parent and child runs")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     return p.parse_args(argv)
+
+
+def _get(cfg: dict[str, Any], key: str) -> Any:
+    """``cfg[a][b]`` for the key ``a.b`` (None where missing)."""
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -105,9 +111,14 @@ class Study:
         """Run the trainings ``--jobs`` at a time, longest first; the first failure stops the others."""
         cost = {"adn": 0, "vanilla": 1, "base": 2}  # an ADN step runs both passes
         order = sorted(jobs, key=lambda job: (cost[job[1]], job[0]))
+        self.run_all([(seed, mode, lambda seed=seed, mode=mode: self.train(seed, mode)) for seed, mode in order])
+
+    def run_all(self, jobs: list[tuple[int, str, Callable[[], dict[str, Any]]]]) -> None:
+        """Run ``(seed, name, train)`` jobs ``--jobs`` at a time in the order given; the first failure stops the
+        others."""
         bar = tqdm(total=len(jobs), desc="study", unit="training", dynamic_ncols=True)
         with ThreadPoolExecutor(self.args.jobs) as pool:
-            futures = {pool.submit(self.train, seed, mode): (seed, mode) for seed, mode in order}
+            futures = {pool.submit(train): (seed, mode) for seed, mode, train in jobs}
             try:
                 for future in as_completed(futures):
                     seed, mode = futures[future]
@@ -130,15 +141,20 @@ class Study:
     def run_dir(self, seed: int, mode: str) -> Path:
         return self.out / f"seed{seed}" / mode
 
-    def state(self, seed: int, mode: str) -> str:
+    def wanted(self, seed: int, mode: str) -> dict[str, Any]:
+        """The settings of one from-scratch training, as its config.yaml records them."""
+        return {"model": self.args.model, "recipe": str(self.recipe_name), "mode": mode, "epochs": self.epochs,
+                "seed": seed, "data_dir": parse_location(self.data).absolute(), "max_steps": self.args.max_steps,
+                "init_from": None}
+
+    def state(self, seed: int, mode: str, want: dict[str, Any] | None = None) -> str:
         """'done', 'resume' or 'new'; a directory trained with other settings is an error."""
         run = self.run_dir(seed, mode)
         if not (run / "config.yaml").is_file():
             return "new"
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        want = {"model": self.args.model, "recipe": str(self.recipe_name), "mode": mode, "epochs": self.epochs,
-                "seed": seed, "data_dir": parse_location(self.data).absolute(), "max_steps": self.args.max_steps}
-        differ = [k for k in REUSE_KEYS if cfg.get(k) != want[k]]
+        want = want or self.wanted(seed, mode)
+        differ = [k for k in want if _get(cfg, k) != want[k]]
         if differ:
             raise ValueError(f"{str(run)!r} holds a training with other settings ({', '.join(differ)}); "
                              "choose another --out or remove it.")
@@ -147,15 +163,20 @@ class Study:
         return "resume" if (run / CHECKPOINTS / "latest").exists() else "new"
 
     def train(self, seed: int, mode: str) -> dict[str, Any]:
-        """Run (or resume, or reuse) one training; returns its summary.json."""
-        run, state = self.run_dir(seed, mode), self.state(seed, mode)
+        """Run (or resume, or reuse) one from-scratch training; returns its summary.json."""
+        flags = ["--recipe", str(self.recipe_name), "--mode", mode, "--epochs", str(self.epochs)]
+        if self.args.max_steps:
+            flags += ["--max-steps", str(self.args.max_steps)]
+        return self.launch(seed, mode, flags, self.wanted(seed, mode))
+
+    def launch(self, seed: int, name: str, flags: list[str], want: dict[str, Any]) -> dict[str, Any]:
+        """Run (or resume, or reuse) the training ``seed<S>/<name>`` with these ``pipeline.train`` flags;
+        ``want`` is what its config.yaml must hold to be reused. Returns its summary.json."""
+        run, state = self.run_dir(seed, name), self.state(seed, name, want)
         if state != "done":
-            cmd = [sys.executable, "-m", "pipeline.train", "--model", self.args.model, "--recipe",
-                   str(self.recipe_name), "--data", self.data, "--mode", mode, "--epochs", str(self.epochs),
+            cmd = [sys.executable, "-m", "pipeline.train", "--model", self.args.model, "--data", self.data, *flags,
                    "--seed", str(seed), "--output", str(run), "--workers", str(self.args.workers),
-                   "--run-name", f"{mode}-seed{seed}", "--experiment", self.args.experiment]
-            if self.args.max_steps:
-                cmd += ["--max-steps", str(self.args.max_steps)]
+                   "--run-name", f"{name}-seed{seed}", "--experiment", self.args.experiment]
             if self.tracker is not None and self.tracker.enabled:
                 cmd += ["--tracking-uri", self.tracker.uri, "--parent-run-id", str(self.tracker.run_id)]
             else:
@@ -167,7 +188,7 @@ class Study:
             if not torch.cuda.is_available():
                 env.setdefault("DS_ACCELERATOR", "cpu")
             run.parent.mkdir(parents=True, exist_ok=True)
-            log = run.parent / f"{mode}.log"
+            log = run.parent / f"{name}.log"
             start = time.perf_counter()
             with open(log, "a") as out:
                 with self.lock:
@@ -179,12 +200,12 @@ class Study:
                 with self.lock:
                     self.procs.discard(proc)
             with self.lock:
-                self.timing[f"seed{seed}/{mode}"] = time.perf_counter() - start
-                self.reused.discard(f"seed{seed}/{mode}")
+                self.timing[f"seed{seed}/{name}"] = time.perf_counter() - start
+                self.reused.discard(f"seed{seed}/{name}")
                 (self.out / "trainings.json").write_text(json.dumps(self.timing, indent=1))
             if code != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                raise RuntimeError(f"the {mode} training of seed {seed} failed (exit {code}): {tail[0]}; "
+                raise RuntimeError(f"the {name} training of seed {seed} failed (exit {code}): {tail[0]}; "
                                    f"its log is {log}.")
         return json.loads((run / "summary.json").read_text())
 
