@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 import adn
 from adn import SwitchableNorm
+from adn.pretrained import TIMM_ARCH
 
 from .families import randomize_norms
 
@@ -83,3 +84,9 @@ def test_pickled_objects_are_refused(tmp_path):
 def test_small_variants_have_no_pretrained_weights():
     with pytest.raises(ValueError, match="resnet_mini has no pretrained weights"):
         adn.create_model("resnet_mini", pretrained=True)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_ARCH))
+def test_each_family_is_built_on_the_timm_architecture_whose_weights_it_looks_up(name):
+    """`adn.pretrained` finds weights by TIMM_ARCH; a family built on another architecture would load the wrong ones."""
+    assert adn.create_model(name, num_classes=10).pretrained_cfg["architecture"] == TIMM_ARCH[name]

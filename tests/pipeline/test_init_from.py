@@ -22,6 +22,7 @@ from torch import nn
 import adn
 from adn.checkpoint import load_trained, save_weights
 from adn.norms import SwitchableNorm
+from adn.pretrained import timm_weights
 from pipeline.init_from import InitError, build, resolve
 from pipeline.train import parse_args, resolve_config
 
@@ -125,7 +126,9 @@ def test_the_finetune_recipe_is_the_from_scratch_one_at_a_lower_rate() -> None:
     for model in ("resnet50", "vit_b16"):
         paper = resolve_config(parse_args(["--model", model, "--data", "."]))
         fine = resolve_config(parse_args(["--recipe", f"{model}_finetune", "--data", "."]))
-        assert fine["init_from"] == "timm" and fine["model"] == model and fine["data"] == paper["data"]
+        weights = timm_weights(model)  # inputs normalised as timm's weights were trained
+        assert fine["init_from"] == "timm" and fine["model"] == model
+        assert fine["data"] == {**paper["data"], "mean": list(weights.mean), "std": list(weights.std)}
         assert fine["optimizer"]["lr"] < paper["optimizer"]["lr"] and fine["epochs"] < paper["epochs"]
 
 
