@@ -15,7 +15,6 @@ from pipeline.finetune_study import budget_epochs
 from .conftest import train_env
 
 
-
 def _study(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.finetune_study", *args], cwd=cwd, env=train_env(),
                           capture_output=True, text=True, timeout=timeout)
