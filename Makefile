@@ -10,7 +10,7 @@ DATA   ?= data/digits
 STUDY_EPOCHS ?= 24
 STUDY_JOBS   ?= 2
 
-.PHONY: help install test demo reproduce train train-cluster system-deps bench lint clean \
+.PHONY: help install test demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
 	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
 
 help:  ## list the targets
@@ -39,6 +39,11 @@ reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, ba
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.study --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
 		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)
+
+reproduce-finetune: install  ## a trained network converted into an ADN by fine-tunes of 0-50 % of the epochs at 3 LRs, against ADN from scratch (runs/finetune)
+	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
+	DS_ACCELERATOR=cpu $(PY) -m pipeline.finetune_study --data data/digits-hard --model resnet_mini \
+		--epochs $(STUDY_EPOCHS) --lrs 0.01 0.03 0.1 --jobs $(STUDY_JOBS) --out runs/finetune $(ARGS)
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
 	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)

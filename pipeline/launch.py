@@ -84,6 +84,7 @@ def check_train_args(args: list[str]) -> TrainJob:
     ``--output`` and ``--data`` are made absolute: every node resolves them the same way.
     """
     from .data import read_manifest
+    from .init_from import resolve as resolve_init
     from .tracking import resolve_tracking_uri
     from .train import parse_args, resolve_config
 
@@ -98,6 +99,12 @@ def check_train_args(args: list[str]) -> TrainJob:
     for split in ("train", "val"):
         read_manifest(cfg["data_dir"], split)
     args = _replace_option(_replace_option(args, "--output", cfg["output"]), "--data", cfg["data_dir"])
+    if cfg["init_from"] and parsed.resume is None:  # a source that cannot serve the run fails here, not on the nodes
+        init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
+                            parsed.tracking_uri, cfg["data"])
+        init.cleanup()
+        if init.kind == "file":
+            args = _replace_option(args, "--init-from", str(Path(cfg["init_from"]).resolve()))
     uri = parsed.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return TrainJob(args, cfg["model"], Path(cfg["output"]), parsed.experiment,
                     None if parsed.no_tracking else resolve_tracking_uri(uri))
@@ -507,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             per_node = opts.gpus_per_node or 1
         return run_local(job, nodes, per_node, accelerator, master_addr, opts.master_port)
-    except (LaunchError, ValueError, RuntimeError) as err:  # DataError is a ValueError, ClusterError a RuntimeError
+    except (LaunchError, ValueError, RuntimeError, FileNotFoundError) as err:  # DataError is a ValueError,
+        # ClusterError a RuntimeError, adn.pretrained.PretrainedUnavailable (timm's weights offline) a FileNotFoundError
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
