@@ -254,3 +254,18 @@ def test_timm_weights_placed_where_the_sentence_says_start_the_run_offline(digit
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), plain.forward_features(x), rtol=0, atol=0)
+
+
+def test_the_cluster_launcher_checks_the_source_and_hands_every_node_an_absolute_path(
+        digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.launch import check_train_args
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(plain_resnet_mini().state_dict(), tmp_path / "plain.pth")
+    job = check_train_args(["--model", "resnet_mini", "--data", str(digits), "--init-from", "plain.pth",
+                            "--no-tracking"])
+    at = job.args.index("--init-from")
+    assert job.args[at + 1] == str(tmp_path / "plain.pth") and job.args.count("--init-from") == 1
+    with pytest.raises(InitError, match="the MLflow store .* has no run 'nope'"):
+        check_train_args(["--model", "resnet_mini", "--data", str(digits), "--init-from", "mlflow:nope",
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
