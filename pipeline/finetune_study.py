@@ -189,13 +189,17 @@ def markdown(result: dict[str, Any]) -> str:
              f"seeds; images: training images processed ({n} per epoch; an ADN step passes each through the super-net "
              "and the base-net); step time: the training steps alone, one thread per training.", "",
              f"| training | {result['super_mask']} super-net | {result['base_mask']} base-net | images | step time (s) "
-             "| wall (s) |", "|---|---:|---:|---:|---:|---:|"]
+             "| wall (s) | base-net first at the target |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in [vanilla, scratch, *result["finetunes"]]:
         mark = " ✓" if r.get("matches") else ""
+        at = r.get("reached", result["scratch_reached"] if r is scratch else None)
+        first = f"epoch {at['epoch']} ({at['images']:,.0f} images)" if at else "-"
         lines.append(f"| {r['label']} | {_pm(r['super'])} | {_pm(r['base'])}{mark} | {r['images']:,.0f} | "
-                     f"{r['step_s']:.0f} | {r['wall_s']:.0f} |")
+                     f"{r['step_s']:.0f} | {r['wall_s']:.0f} | {first} |")
     target = result["target_base_top1"]
-    lines += ["", f"✓: the fine-tuned base-net's mean top-1 reaches the from-scratch base-net's ({target:.2f}).",
+    lines += ["", f"✓: the fine-tuned base-net's mean top-1 reaches the from-scratch base-net's ({target:.2f}), the "
+                  "target. Last column: the first evaluation (after each epoch; epoch 0: before any step) at which the "
+                  "mean over seeds reaches it.",
               "The vanilla network has no base-net of its own; the conversion-only row is it cut as a plain network "
               "would be (each norm copied into its skipped mode), before any step."]
     smallest = next((f for f in result["finetunes"] if f["name"] == result["smallest_matching"]), None)
