@@ -644,14 +644,14 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(resolve_tracking_uri(args.tracking_uri))
         if args.resume is not None and not args.resume and not (Path(cfg["output"]) / CHECKPOINTS).exists():
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
-        # One writer per output: global rank 0 holds its lock for the whole run (the other ranks write
-        # only their own replica logs into it).
         if cfg["init_from"] and args.resume is None:  # every rank reads the weights itself (norm buffers too)
             init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
                                 args.tracking_uri, cfg["data"])
             if rank == 0:
                 for note in init.notes:
                     log.warning("%s", note)
+        # One writer per output: global rank 0 holds its lock for the whole run (the other ranks write
+        # only their own replica logs into it).
         with output_lock(cfg["output"], "the training output") if rank == 0 else contextlib.nullcontext():
             trainer = Trainer(cfg, args, init)
             trainer.run()
