@@ -39,6 +39,7 @@ class InitSource:
     kind: str  # "timm", "file" (a plain or ADN state dict) or "mlflow"
     file: Path | None  # None: timm downloads its weights itself
     meta: dict[str, Any] | None = None  # the ADN metadata of a weights file
+    state: dict[str, torch.Tensor] | None = None  # the file's tensors, read and checked against the model
     notes: list[str] = field(default_factory=list)
     _tmp: Path | None = None
 
@@ -57,8 +58,8 @@ class InitSource:
 
 
 def resolve(spec: str, model: str, classes: list[str], tracking_uri: str | None = None,
-            recipe_data: dict[str, Any] | None = None) -> InitSource:
-    """Find the weights ``spec`` names and check them against this run's model and classes."""
+            recipe_data: dict[str, Any] | None = None, model_kwargs: dict[str, Any] | None = None) -> InitSource:
+    """Find the weights ``spec`` names, read them, and check them against this run's model and classes."""
     if spec == "timm":
         try:
             weights = timm_weights(model)
@@ -97,7 +98,31 @@ def resolve(spec: str, model: str, classes: list[str], tracking_uri: str | None 
             raise InitError(f"--init-from {spec}: {where} was trained on {len(theirs)} classes "
                             f"({_preview(theirs)}), this run's data has {len(ours)} ({_preview(ours)}); start from "
                             "a run on the same classes, or from a plain state dict (its classifier is replaced).")
+    try:
+        _read(source, model, len(classes), model_kwargs or {})
+    except BaseException:
+        source.cleanup()
+        raise
     return source
+
+
+def _read(source: InitSource, model_name: str, num_classes: int, model_kwargs: dict[str, Any]) -> None:
+    """Read the file's tensors and check that they fit the model (built on the meta device: no memory, no time)."""
+    assert source.file is not None
+    try:
+        source.state = load_state_dict_file(source.file)
+    except Exception as err:  # safetensors', zip's and the unpickler's own errors: not a state dict
+        raise InitError(f"--init-from {source.spec}: {str(source.file)!r} is not a state dict that torch or "
+                        f"safetensors can read ({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from err
+    with torch.device("meta"):
+        skeleton = create_model(model_name, num_classes=num_classes, **model_kwargs)
+    if source.meta:
+        try:
+            check_fits(skeleton, source.state, source.describe())
+        except ValueError as err:
+            raise InitError(f"--init-from: {err}") from err
+    else:
+        source.notes += plain_state(skeleton, source.state, source.describe())[1]
 
 
 def _preview(classes: list[str]) -> str:
@@ -144,25 +169,24 @@ def build(source: InitSource, model_name: str, num_classes: int, **model_kwargs:
             notes.append(f"classifier {weights.classifier} newly initialised for {num_classes} classes "
                          f"(timm's weights have {weights.num_classes})")
         return model, notes
-    assert source.file is not None
+    assert source.state is not None, "resolve() reads the file"
     model = create_model(model_name, num_classes=num_classes, **model_kwargs)
-    state = load_state_dict_file(source.file)
-    if source.meta:  # an ADN training's weights
-        try:
-            check_fits(model, state, source.describe())
-        except ValueError as err:
-            raise InitError(f"--init-from: {err}") from err
-        model.load_state_dict(state)
+    if source.meta:  # an ADN training's weights, checked by resolve()
+        model.load_state_dict(source.state)
         if source.meta.get("extra", {}).get("mode") == "vanilla":
             copy_kept_norms(model)
             notes.append("a vanilla training never ran its skipped-mode norms: each starts as a copy of its "
                          "kept-mode norm")
         return model, notes
-    return model, notes + load_plain(model, state, source.describe())
+    mapped, _ = plain_state(model, source.state, source.describe())
+    model.load_state_dict(mapped)
+    return model, notes
 
 
-def load_plain(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> list[str]:
-    """Load a plain (or ADN) state dict; a classifier of another class count is left newly initialised."""
+def plain_state(model: nn.Module, state: dict[str, torch.Tensor], what: str,
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A plain (or ADN) state dict as ``model`` names it, each norm in both halves; a classifier of another class
+    count is replaced by the model's own (newly initialised). Returns it and what was replaced."""
     head = str(getattr(model, "pretrained_cfg", {}).get("classifier", ""))
     own = model.state_dict()
     mapped = map_timm_state_dict(model, state)
@@ -176,5 +200,4 @@ def load_plain(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> l
         check_fits(model, mapped, what)
     except ValueError as err:
         raise InitError(f"--init-from: {err}") from err
-    model.load_state_dict(mapped)
-    return notes
+    return mapped, notes

@@ -101,7 +101,7 @@ def check_train_args(args: list[str]) -> TrainJob:
     args = _replace_option(_replace_option(args, "--output", cfg["output"]), "--data", cfg["data_dir"])
     if cfg["init_from"] and parsed.resume is None:  # a source that cannot serve the run fails here, not on the nodes
         init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
-                            parsed.tracking_uri, cfg["data"])
+                            parsed.tracking_uri, cfg["data"], cfg["model_kwargs"])
         init.cleanup()
         if init.kind == "file":
             args = _replace_option(args, "--init-from", str(Path(cfg["init_from"]).resolve()))

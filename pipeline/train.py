@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
         if cfg["init_from"] and args.resume is None:  # every rank reads the weights itself (norm buffers too)
             init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
-                                args.tracking_uri, cfg["data"])
+                                args.tracking_uri, cfg["data"], cfg["model_kwargs"])
             if rank == 0:
                 for note in init.notes:
                     log.warning("%s", note)

@@ -84,27 +84,31 @@ def test_a_plain_state_dict_through_the_training_command_computes_what_the_plain
 def test_a_classifier_of_other_classes_is_replaced_and_the_rest_kept() -> None:
     plain = plain_resnet_mini(num_classes=1000)
     source_state = plain.state_dict()
-    from pipeline.init_from import InitSource
-
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"plain1000-{os.getpid()}.safetensors"
     save_file({k: v.contiguous() for k, v in source_state.items()}, str(path))
     try:
-        model, notes = build(InitSource(str(path), "file", path), "resnet_mini", 10)
+        source = resolve(str(path), "resnet_mini", DIGITS)
     finally:
         path.unlink()
-    assert notes == ["classifier fc newly initialised for 10 classes (the state dict's has 1000)"]
+    assert source.notes == ["classifier fc newly initialised for 10 classes (the state dict's has 1000)"]
+    model, _ = build(source, "resnet_mini", 10)
     assert model.fc.weight.shape == (10, 128)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval().forward_features(x), plain.forward_features(x), rtol=0, atol=0)
 
 
-def test_weights_of_another_architecture_are_one_sentence(tmp_path: Path) -> None:
+def test_weights_of_another_architecture_or_no_state_dict_are_one_sentence(tmp_path: Path) -> None:
     vit = adn.create_model("vit_mini", num_classes=10)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     with pytest.raises(InitError, match=r"^--init-from: the tensors of .*vit.pth \(a plain state dict\) do not fit "
                                         r"that model: \d+ tensors missing \(first conv1.weight\), \d+ unexpected"):
-        build(resolve(str(tmp_path / "vit.pth"), "resnet_mini", DIGITS), "resnet_mini", 10)
+        resolve(str(tmp_path / "vit.pth"), "resnet_mini", DIGITS)
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    with pytest.raises(InitError, match=r"notes.safetensors' is not a state dict that torch or safetensors can read"):
+        resolve(str(tmp_path / "notes.safetensors"), "resnet_mini", DIGITS)
+    with pytest.raises(InitError, match=r"is neither 'timm', 'mlflow:RUN_ID' nor an existing file"):
+        resolve(str(tmp_path / "missing.pth"), "resnet_mini", DIGITS)
 
 
 @pytest.mark.parametrize("argv, message", [
