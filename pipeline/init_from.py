@@ -48,8 +48,9 @@ class InitSource:
             return f"timm's pretrained weights ({self.file or 'downloaded from the hub'})"
         origin = f"MLflow run {self.spec[len(MLFLOW_PREFIX):]}" if self.kind == "mlflow" else str(self.file)
         if self.meta:
-            return f"{origin} ({self.meta['model']}, {self.meta.get('extra', {}).get('mode', 'adn')} training, " \
-                   f"step {self.meta.get('extra', {}).get('step', '?')})"
+            extra = self.meta.get("extra") or {}
+            trained = f"{extra['mode']} training, step {extra.get('step', '?')}" if "mode" in extra else "ADN weights"
+            return f"{origin} ({self.meta['model']}, {trained})"
         return f"{origin} (a plain state dict)"
 
     def cleanup(self) -> None:
@@ -113,7 +114,7 @@ def _read(source: InitSource, model_name: str, num_classes: int, model_kwargs: d
         source.state = load_state_dict_file(source.file)
     except Exception as err:  # safetensors', zip's and the unpickler's own errors: not a state dict
         raise InitError(f"--init-from {source.spec}: {str(source.file)!r} is not a state dict that torch or "
-                        f"safetensors can read ({type(err).__name__}: {str(err).splitlines()[0][:160]}).") from err
+                        f"safetensors can read ({type(err).__name__}: {_first_line(err)}).") from err
     with torch.device("meta"):
         skeleton = create_model(model_name, num_classes=num_classes, **model_kwargs)
     if source.meta:
@@ -123,6 +124,10 @@ def _read(source: InitSource, model_name: str, num_classes: int, model_kwargs: d
             raise InitError(f"--init-from: {err}") from err
     else:
         source.notes += plain_state(skeleton, source.state, source.describe())[1]
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def _preview(classes: list[str]) -> str:
@@ -143,7 +148,7 @@ def _download(spec: str, tracking_uri: str | None) -> InitSource:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise InitError(f"--init-from {spec}: the MLflow store {uri} has no run {run_id!r} "
-                        f"({str(err).splitlines()[0][:160]}).") from err
+                        f"({_first_line(err)}).") from err
     if WEIGHTS_NAME not in {a.path for a in client.list_artifacts(run_id)}:
         raise InitError(f"--init-from {spec}: MLflow run {run_id} ({run.info.run_name}, {run.info.status}) has no "
                         f"{WEIGHTS_NAME} artifact; a training logs it when it finishes.")
@@ -153,7 +158,7 @@ def _download(spec: str, tracking_uri: str | None) -> InitSource:
     except (MlflowException, OSError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise InitError(f"--init-from {spec}: downloading {WEIGHTS_NAME} of run {run_id} from {uri} failed: "
-                        f"{str(err).splitlines()[0][:200]}") from err
+                        f"{_first_line(err)}.") from err
     return InitSource(spec, "mlflow", local, _tmp=tmp)
 
 

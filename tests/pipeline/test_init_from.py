@@ -209,7 +209,7 @@ def test_a_run_of_another_model_or_other_classes_is_one_sentence_before_training
                   "--output", str(work / "refused"), "--tracking-uri", uri, cwd=work)
     assert done.returncode == 2 and time.monotonic() - start < 60
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --init-from mlflow:{vit}: MLflow run {vit} (vit_mini, adn training, step ?) "
+    assert last.startswith(f"error: --init-from mlflow:{vit}: MLflow run {vit} (vit_mini, ADN weights) "
                            "holds a vit_mini, and this run trains a resnet_mini")
     assert "Traceback" not in done.stderr and not (work / "refused").exists()  # nothing was started
     with pytest.raises(InitError, match=r"was trained on 3 classes \(a, b, c\), this run's data has 10 \(0, 1, 2, "
