@@ -72,11 +72,12 @@ def mark_complete(directory: Path, tag: str, step: int) -> None:
     tag_dir = directory / tag
     marker = {"tag": tag, "step": step, "files": _files(tag_dir),
               "written": datetime.datetime.now().isoformat(timespec="seconds")}
-    _write_atomic(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
-    _write_atomic(directory / "latest", tag)
+    write_atomic(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
+    write_atomic(directory / "latest", tag)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the whole new one, never a part (fsync, rename)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)

@@ -47,6 +47,7 @@ from .checkpoint import (
     set_rng_state,
     size_of,
     step_tag,
+    write_atomic,
 )
 from .data import DataError, make_loader, read_manifest
 from .data.storage import parse_location
@@ -431,7 +432,7 @@ class Trainer:
 
                 self.tracker.log_params({**cfg, "versions": {"torch": torch.__version__, "deepspeed":
                                          deepspeed.__version__, "timm": timm.__version__}})
-            (self.output / "run.json").write_text(json.dumps(
+            write_atomic(self.output / "run.json", json.dumps(  # tests and tools poll for it
                 {"mlflow_run_id": self.tracker.run_id, "tracking_uri": self.tracker.uri,
                  "experiment": self.args.experiment}, indent=1))
             self.tracker.log_artifact(self.output / "config.yaml")
