@@ -28,8 +28,8 @@ import yaml
 from .data import DataError, read_manifest
 from .data.storage import parse_location
 from .recipes import list_recipes, load_recipe
-from .study import Study, spread
-from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
+from .study import Study, parent_run, spread
+from .tracking import TrackingError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -294,26 +294,6 @@ def check_args(args: argparse.Namespace) -> None:
     read_manifest(args.data, "val")
 
 
-def parent_run(args: argparse.Namespace, study: FinetuneStudy) -> Tracker:
-    """The study's MLflow run; run again in the same --out, it continues that run."""
-    uri = resolve_tracking_uri(args.tracking_uri)
-    check_reachable(uri)
-    saved = study.out / "finetune-run.json"
-    previous = json.loads(saved.read_text()) if saved.is_file() else {}
-    run_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
-    tracker = Tracker(uri, args.experiment, f"finetune-{args.model}-{study.epochs}ep", run_id=run_id,
-                      tags={"adn.model": args.model, "adn.study": "finetune-vs-scratch",
-                            "mlflow.note.content": f"{args.model} converted into an ADN by fine-tunes of "
-                                                   f"{study.budgets} epochs against {study.epochs} from scratch"})
-    if run_id is None:
-        tracker.log_params({"model": args.model, "recipe": str(study.recipe_name), "finetune_recipe": study.ft_recipe,
-                            "data": args.data, "epochs": study.epochs, "seeds": args.seeds,
-                            "budget_epochs": study.budgets, "lrs": study.lrs})
-        saved.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
-                                     "experiment": args.experiment}, indent=1))
-    return tracker
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.calibrate_norms = 0
@@ -327,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             study.state(seed, "adn")
         study.out.mkdir(parents=True, exist_ok=True)
         if not args.no_tracking:
-            study.tracker = parent_run(args, study)
+            study.tracker = parent_run(
+                args, study, "finetune-run.json", f"finetune-{args.model}-{study.epochs}ep",
+                tags={"adn.model": args.model, "adn.study": "finetune-vs-scratch",
+                      "mlflow.note.content": f"{args.model} converted into an ADN by fine-tunes of {study.budgets} "
+                                             f"epochs against {study.epochs} from scratch"},
+                params={"model": args.model, "recipe": str(study.recipe_name), "finetune_recipe": study.ft_recipe,
+                        "data": args.data, "epochs": study.epochs, "seeds": args.seeds,
+                        "budget_epochs": study.budgets, "lrs": study.lrs})
         study.run_all(study.jobs())
         result = study.report()
         result["timing"] = {"total_s": time.perf_counter() - start, "trainings_s": study.timing,

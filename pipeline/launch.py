@@ -96,11 +96,11 @@ def check_train_args(args: list[str]) -> TrainJob:
                               "(see python -m pipeline.train --help).") from None
         raise
     cfg = resolve_config(parsed)
-    for split in ("train", "val"):
-        read_manifest(cfg["data_dir"], split)
+    train_manifest = read_manifest(cfg["data_dir"], "train")
+    read_manifest(cfg["data_dir"], "val")
     args = _replace_option(_replace_option(args, "--output", cfg["output"]), "--data", cfg["data_dir"])
     if cfg["init_from"] and parsed.resume is None:  # a source that cannot serve the run fails here, not on the nodes
-        init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
+        init = resolve_init(cfg["init_from"], cfg["model"], train_manifest.classes,
                             parsed.tracking_uri, cfg["data"], cfg["model_kwargs"])
         init.cleanup()
         if init.kind == "file":

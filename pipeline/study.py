@@ -397,21 +397,25 @@ def check_args(args: argparse.Namespace) -> None:
     read_manifest(args.data, "val")
 
 
-def parent_run(args: argparse.Namespace, study: Study) -> Tracker:
-    """The study's MLflow run; a study run again in the same --out continues its parent run."""
+def parent_run(args: argparse.Namespace, study: Study, record: str = "run.json", name: str | None = None,
+               tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Tracker:
+    """The study's MLflow run, its id kept in ``--out``/``record``: a study run again there continues that run.
+
+    The defaults are this study's; ``pipeline.finetune_study`` passes its own record, name, tags and params.
+    """
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)
-    saved = study.out / "run.json"
+    saved = study.out / record
     previous = json.loads(saved.read_text()) if saved.is_file() else {}
     run_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
-    tracker = Tracker(uri, args.experiment, f"study-{args.model}-{study.epochs}ep", run_id=run_id,
-                      tags={"adn.model": args.model, "adn.study": "paper-claims",
-                            "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, "
-                                                   f"{study.epochs} epochs; child runs are its trainings"})
+    tracker = Tracker(uri, args.experiment, name or f"study-{args.model}-{study.epochs}ep", run_id=run_id,
+                      tags=tags or {"adn.model": args.model, "adn.study": "paper-claims",
+                                    "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, "
+                                                           f"{study.epochs} epochs; child runs are its trainings"})
     if run_id is None:
-        tracker.log_params({"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
-                            "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
-                            "calibrate_norms": args.calibrate_norms})
+        tracker.log_params(params or {"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
+                                      "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
+                                      "calibrate_norms": args.calibrate_norms})
         saved.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
                                      "experiment": args.experiment}, indent=1))
     return tracker

@@ -639,14 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     init: InitSource | None = None
     try:
         cfg = resolve_config(args)
-        read_manifest(cfg["data_dir"], "train")
+        train_manifest = read_manifest(cfg["data_dir"], "train")
         read_manifest(cfg["data_dir"], "val")
         if rank == 0 and not args.no_tracking:
             check_reachable(resolve_tracking_uri(args.tracking_uri))
         if args.resume is not None and not args.resume and not (Path(cfg["output"]) / CHECKPOINTS).exists():
             raise FileNotFoundError(f"--resume: {cfg['output']!r} holds no checkpoints; pass --output or a PATH.")
         if cfg["init_from"] and args.resume is None:  # every rank reads the weights itself (norm buffers too)
-            init = resolve_init(cfg["init_from"], cfg["model"], read_manifest(cfg["data_dir"], "train").classes,
+            init = resolve_init(cfg["init_from"], cfg["model"], train_manifest.classes,
                                 args.tracking_uri, cfg["data"], cfg["model_kwargs"])
             if rank == 0:
                 for note in init.notes:
