@@ -37,12 +37,12 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 
 reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (28 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
-	DS_ACCELERATOR=cpu $(PY) -m pipeline.study --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
+	DS_ACCELERATOR=cpu $(PY) -m studies.paper --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
 		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)
 
 reproduce-finetune: install  ## a trained network converted into an ADN by fine-tunes of 0-50 % of the epochs at 3 LRs, against ADN from scratch, into runs/finetune (36 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
-	DS_ACCELERATOR=cpu $(PY) -m pipeline.finetune_study --data data/digits-hard --model resnet_mini \
+	DS_ACCELERATOR=cpu $(PY) -m studies.finetune --data data/digits-hard --model resnet_mini \
 		--epochs $(STUDY_EPOCHS) --lrs 0.01 0.03 0.1 --jobs $(STUDY_JOBS) --out runs/finetune $(ARGS)
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
@@ -93,9 +93,12 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/search_eval.py
 	$(PY) benchmarks/comms.py
 	$(PY) benchmarks/checkpoint.py
+	$(PY) benchmarks/latency_tables.py
+	$(PY) benchmarks/startup.py
 
-lint: install  ## ruff
-	$(PY) -m ruff check adn pipeline search cluster tests benchmarks
+lint: install  ## ruff, and the layers and import cycles (import-linter contracts in pyproject.toml)
+	$(PY) -m ruff check adn pipeline search studies cluster tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

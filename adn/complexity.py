@@ -1,6 +1,6 @@
 """Parameters and FLOPs of each sub-network.
 
-FLOPs follow the paper's convention (DESIGN.md section 1): multiply-accumulates at batch 1,
+FLOPs follow the paper's convention (docs/design.md, "Costs per mask"): multiply-accumulates at batch 1,
 counting convolutions, linear layers and every matmul including attention (fused kernels too),
 plus one per element for each normalization and activation. Softmax, residual adds and pooling
 are not counted. The count runs the model under PyTorch's ``FlopCounterMode``, so it sees exactly

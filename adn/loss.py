@@ -1,4 +1,4 @@
-"""The self-distillation loss of ADN training (DESIGN.md section 1).
+"""The self-distillation loss of ADN training (docs/design.md, "The loss").
 
 Pass 1, super-net: ``alpha * CE(y, z_super)``. Pass 2, base-net:
 ``(1 - alpha) * T^2 * KL(softmax(z_super / T) || softmax(z_base / T))`` with the super-net's logits

@@ -1,7 +1,7 @@
 """Skip masks: one bit per skippable stage, written like ``"TTFF"``.
 
 ``T`` skips the skippable sub-path of that stage, ``F`` keeps it. ``FF..F`` is the super-net,
-``TT..T`` the base-net (DESIGN.md section 1). A ``BlockMask`` has one bit per skippable block
+``TT..T`` the base-net (docs/design.md, "Stages, sub-paths and masks"). A ``BlockMask`` has one bit per skippable block
 instead, so a stage's sub-path can be cut part way (the search's ``--space blocks``).
 """
 

@@ -1,7 +1,7 @@
 """Switchable normalization: one norm per mode of its stage (kept or skipped).
 
 The base-net sees different feature statistics than the super-net, so every norm in a
-mandatory block has two copies (DESIGN.md section 1). Switching is an attribute flip.
+mandatory block has two copies (docs/design.md, "Switchable norms"). Switching is an attribute flip.
 ``KeptOnly`` follows a stage bit the same way for a regulariser that only the kept mode uses.
 """
 
@@ -25,11 +25,6 @@ class SwitchableNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norms[1](x) if self.skipped else self.norms[0](x)
-
-    @property
-    def active(self) -> nn.Module:
-        """The norm the current mask uses."""
-        return self.norms[1] if self.skipped else self.norms[0]
 
     def extra_repr(self) -> str:
         return f"bit={self.bit}"

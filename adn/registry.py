@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +24,15 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def _families() -> dict[str, Callable[..., nn.Module]]:
+    """The registry, once every family module under ``adn.models`` has registered itself (loaded as plugins,
+    by name: the families import this module, not the other way round)."""
+    importlib.import_module(f"{__package__}.models")
+    return _MODELS
+
+
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return sorted(_families())
 
 
 def create_model(
@@ -41,7 +49,7 @@ def create_model(
     ``checkpoint_path`` loads a local state dict, either a plain timm one (each norm is copied into both
     halves of its switchable pair) or one saved from an ADN model. Other kwargs go to the timm constructor.
     """
-    if name not in _MODELS:
+    if name not in _families():
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
     if pretrained and name in TIMM_ARCH and "file" not in (kwargs.get("pretrained_cfg_overlay") or {}):
         cached = locate(name)  # offline: one sentence now, not minutes of hub retries

@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.distributed import accepts, free_port
+
 from .state import (
     ServiceError,
-    accepts,
     is_running,
     port_taken,
     read_record,
@@ -137,8 +138,6 @@ class LocalPostgres:
         return (f"postgresql+psycopg2://mlflow:{record['password']}@127.0.0.1:{record['port']}/mlflow")
 
     def _create(self, port: int | None) -> dict[str, Any]:
-        from pipeline.distributed import free_port
-
         port = port or free_port()
         if self.root.exists():
             shutil.rmtree(self.root)  # a half-made cluster from an interrupted first start

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import secrets
 import signal
 import socket
@@ -23,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.distributed import accepts, interfaces
+from search.ray_client import auth_env, parse_address, token_file
+
 from .state import (
     ServiceError,
-    accepts,
     is_running,
     port_taken,
     read_record,
@@ -42,22 +43,13 @@ STARTED = "Ray runtime started"
 START_TIMEOUT_S = 120.0
 
 
-def token_file(root: Path) -> Path:
-    return root / "ray" / "auth_token"
-
-
-def auth_env(root: Path | None = None, create: bool = False) -> dict[str, str]:
-    """``RAY_AUTH_MODE=token`` and where the token is: the environment's, else this state directory's file."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return {"RAY_AUTH_MODE": "token"}
-    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"]}
-    path = token_file(root or state_dir(create=False))
-    if not path.exists():
-        if not create:
-            return {}  # Ray's own default (~/.ray/auth_token) may still hold the cluster's token
-        write_secret(path, secrets.token_hex(32))  # 256 bits, as Ray's own generator makes them
-    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+def ensure_token(root: Path) -> dict[str, str]:
+    """``auth_env``, first writing a random token into the state directory when no token is given or kept."""
+    env = auth_env(root)
+    if not env:
+        write_secret(token_file(root), secrets.token_hex(32))  # 256 bits, as Ray's own generator makes them
+        env = auth_env(root)
+    return env
 
 
 def local_address(peer: str) -> str:
@@ -73,17 +65,15 @@ def outward_address() -> str:
     try:
         return local_address("192.0.2.1")  # TEST-NET-1: any off-host address selects the default route
     except OSError:
-        from pipeline.distributed import interfaces
-
         found = [a for addrs in interfaces().values() for a in addrs if not a.startswith("127.")]
         return found[0] if found else socket.gethostbyname(socket.gethostname())
 
 
 def parse_head(head: str) -> tuple[str, int]:
-    match = re.fullmatch(r"\[?([^\]]+?)\]?:(\d+)", head or "")
-    if not match:
+    parsed = parse_address(head)
+    if parsed is None:
         raise ServiceError(f"HEAD={head!r} is not HOST:PORT (the address `make ray-head` printed).")
-    return match.group(1), int(match.group(2))
+    return parsed
 
 
 def _ray() -> str:
@@ -127,7 +117,7 @@ def head(args: argparse.Namespace) -> int:
         raise ServiceError(f"port {args.port} on {args.host} is already taken by another program (another Ray "
                            "head?); stop it or choose another port (make ray-head RAY_PORT=...).")
     ip = args.node_ip or (outward_address() if args.host in ("0.0.0.0", "") else args.host)
-    env = auth_env(root, create=True)
+    env = ensure_token(root)
     cmd = [_ray(), "start", "--head", "--block", "--port", str(args.port), "--node-ip-address", ip,
            "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", args.temp_dir]
     cmd += _resources(args)
@@ -173,7 +163,7 @@ def _resources(args: argparse.Namespace) -> list[str]:
 
 def token(args: argparse.Namespace) -> int:
     """The cluster's token file, created if missing: for the cluster launcher's file_mounts (cluster/ray)."""
-    env = auth_env(state_dir(args.state_dir), create=True)
+    env = ensure_token(state_dir(args.state_dir))
     print(env.get("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN is set in this environment"))
     return 0
 

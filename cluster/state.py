@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from search.ray_client import default_state_dir
+
 
 class ServiceError(RuntimeError):
     """A service cannot start or be reached; the message is one sentence that says what to do."""
@@ -22,7 +24,7 @@ class ServiceError(RuntimeError):
 
 def state_dir(path: str | os.PathLike[str] | None = None, create: bool = True) -> Path:
     """``path``, else ``$CLUSTER_STATE``, else ``./.cluster``: absolute, created unless ``create`` is False."""
-    root = Path(path or os.environ.get("CLUSTER_STATE") or ".cluster").resolve()
+    root = Path(path).resolve() if path else default_state_dir()
     if create:
         root.mkdir(parents=True, exist_ok=True)
     return root
@@ -104,14 +106,6 @@ def port_taken(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def accepts(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.25,

@@ -32,9 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 CHECKPOINTS = "checkpoints"
 MARKER = "complete.json"
 
@@ -49,6 +46,9 @@ def step_tag(step: int) -> str:
 
 def rng_state() -> dict[str, Any]:
     """The random states of this process (Python, NumPy, torch CPU and the current CUDA device)."""
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -56,6 +56,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -195,6 +198,7 @@ def size_of(path: Path) -> int:
 def _allowed_globals() -> list[Any]:
     """What DeepSpeed's checkpoint files hold besides tensors and builtins: the NumPy random state of the
     client state, and DeepSpeed's loss scaler, ZeRO stage and tensor-fragment records (ZeRO optimizer files)."""
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -207,6 +211,8 @@ def _allowed_globals() -> list[Any]:
 
 def safe_load(path: str, map_location: Any = None) -> Any:
     """``torch.load`` with ``weights_only=True`` and the allow-list; anything else is refused, never run."""
+    import torch
+
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -222,3 +228,20 @@ def guard_loads(engine: Any) -> Callable[..., Any]:
     """Make the DeepSpeed engine read every checkpoint file through ``safe_load``."""
     engine.checkpoint_engine.load = safe_load
     return safe_load
+
+
+class DiskFull(OSError):
+    """The disk filled while a checkpoint or the weights were written; the partial files are gone, the last
+    complete checkpoint stays."""
+
+    def __init__(self, directory: Path, what: str, need: int, estimated: bool) -> None:
+        try:
+            kept: str | None = find_checkpoint(directory).tag  # the output or its checkpoints directory
+        except (CheckpointError, FileNotFoundError):
+            kept = None
+        free = shutil.disk_usage(directory).free
+        super().__init__(errno.ENOSPC, (
+            f"no space left on the device of {str(directory)!r} while writing {what}: it needs "
+            f"{'about ' if estimated else ''}{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free. The partial "
+            "files were removed; " + (f"checkpoint {kept} is intact: free space, then --resume." if kept
+                                      else "free space and start again.")))

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 from datetime import timedelta
 
@@ -36,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def accepts(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether something accepts a TCP connection at ``host:port`` within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _is_loopback(address: str) -> bool:
@@ -201,3 +211,10 @@ def setup_distributed(use_cuda: bool = False, rendezvous_timeout_s: float = REND
                    rendezvous_timeout_s)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return (torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def teardown() -> None:
+    """Destroy this process's process group, if it made one (torch is not imported to find out)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -79,14 +79,11 @@ def _replace_option(args: list[str], flag: str, value: str) -> list[str]:
 
 
 def check_train_args(args: list[str]) -> TrainJob:
-    """Parse and resolve the training flags here, and read both manifests, so errors come before any launch.
-
-    ``--output`` and ``--data`` are made absolute: every node resolves them the same way.
+    """Parse, resolve and check the training flags here (``pipeline.config.preflight``, as every rank does), so
+    errors come before any launch. ``--output`` and ``--data`` are made absolute: every node resolves them alike.
     """
-    from .data import read_manifest
-    from .init_from import resolve as resolve_init
+    from .config import parse_args, preflight, resolve_config
     from .tracking import resolve_tracking_uri
-    from .train import parse_args, resolve_config
 
     try:
         parsed = parse_args(args)
@@ -95,19 +92,16 @@ def check_train_args(args: list[str]) -> TrainJob:
             raise LaunchError("the training arguments after -- are not valid for pipeline.train "
                               "(see python -m pipeline.train --help).") from None
         raise
-    cfg = resolve_config(parsed)
-    train_manifest = read_manifest(cfg["data_dir"], "train")
-    read_manifest(cfg["data_dir"], "val")
-    args = _replace_option(_replace_option(args, "--output", cfg["output"]), "--data", cfg["data_dir"])
-    if cfg["init_from"] and parsed.resume is None:  # a source that cannot serve the run fails here, not on the nodes
-        init = resolve_init(cfg["init_from"], cfg["model"], train_manifest.classes,
-                            parsed.tracking_uri, cfg["data"], cfg["model_kwargs"])
+    config = resolve_config(parsed)
+    init = preflight(config, check_tracking=False).init  # a source that cannot serve the run fails here
+    args = _replace_option(_replace_option(args, "--output", config.output), "--data", config.data_dir)
+    if init is not None:
         init.cleanup()
         if init.kind == "file":
-            args = _replace_option(args, "--init-from", str(Path(cfg["init_from"]).resolve()))
-    uri = parsed.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return TrainJob(args, cfg["model"], Path(cfg["output"]), parsed.experiment,
-                    None if parsed.no_tracking else resolve_tracking_uri(uri))
+            args = _replace_option(args, "--init-from", str(Path(config.init_from).resolve()))
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return TrainJob(args, config.model, Path(config.output), config.experiment,
+                    resolve_tracking_uri(uri) if config.tracking else None)
 
 
 HOSTFILE_LINE = re.compile(r"^(\S+)\s+slots=(\d+)")

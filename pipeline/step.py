@@ -2,7 +2,7 @@
 
 ``adn``: super-net forward + backward of ``alpha * CE``, then base-net forward + backward of the
 KD loss against the detached super-net logits, then one ``engine.step()``. The accumulation
-boundary is set by hand (DESIGN.md section 5): False for the first backward, True for the second,
+boundary is set by hand (docs/design.md, "The step"): False for the first backward, True for the second,
 so gradients of both passes add up locally and are reduced once, and ZeRO-2 keeps both. The first
 backward frees the super-net graph before the base-net runs, so peak memory stays near a
 vanilla step's; only the teacher logits (and stage outputs, with feature KD) are kept.
@@ -18,7 +18,7 @@ import torch
 from adn import SkipMask
 from adn.loss import DistillationConfig, classification_loss
 
-MODES = ("adn", "vanilla", "base")
+from .config import MODES
 
 
 class Engine(Protocol):

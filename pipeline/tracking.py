@@ -207,12 +207,20 @@ class Tracker:
             return
         self._submit(_Op("artifact", (os.fspath(path), artifact_path)))
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def log_child(self, run_name: str, metrics: Mapping[str, float], params: Mapping[str, Any],
+                  tags: Mapping[str, str] | None = None) -> str | None:
+        """A finished child run of this one (tagged ``mlflow.parentRunId``), sent now rather than queued; its id."""
         if not self.enabled:
-            return
-        from mlflow.entities import RunTag
+            return None
+        from mlflow.entities import Metric, Param
 
-        self._submit(_Op("tags", [RunTag(k, str(v)) for k, v in tags.items()]))
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        now = int(time.time() * 1000)
+        self.client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                              params=[Param(k, str(v)) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
 
     def flush(self, timeout_s: float = 120.0) -> bool:
         """Wait until everything queued was sent (or given up on); False if ``timeout_s`` passed first."""

@@ -13,7 +13,7 @@ compute looked 25-30 % cheaper, and a ResNet50 table was 11-14 % off at both end
 range. On CUDA, times come from CUDA events around back-to-back calls after a synchronisation.
 
 Every table validates itself: the whole network under every mask is timed as separate samples in
-the same rounds (so both see the same machine) and compared with ``search.latency.predict``:
+the same rounds (so both see the same machine) and compared with ``search.tables.predict``:
 per-mask error, the mean absolute percentage error (``mape``) and the worst error (``max_error``),
 both as fractions. A table with a MAPE above ``--tolerance``, a mask predicted at 0 ms or below, a
 negative remainder beyond the tolerance of the fastest mask, or rounds that spread (a neighbour
@@ -45,11 +45,10 @@ from tqdm import tqdm
 from adn import BlockMask, SkipMask, create_model, list_models
 from pipeline.lock import exclusive
 
-from .latency import FORMAT, TableError, load_table, predict, predict_all, save_table, user_dir
 from .parts import Part, capture_inputs, default_resolution, model_parts, skeleton
+from .tables import FORMAT, LOCAL_TARGETS, TableError, load_table, predict, predict_all, save_table, user_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOCAL_TARGETS = ("cpu", "local")
 #: A fresh table's own MAPE against the whole network under every mask, timed in the same rounds.
 TOLERANCE = 0.05
 #: Measurements a busy machine gets before it is reported.

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from adn import create_model
 
-from .latency import FORMAT, SHIPPED_DIR, save_table, table_filename
 from .parts import Part, model_parts
 from .profile import DTYPES
+from .tables import FORMAT, SHIPPED_DIR, save_table, table_filename
 
 
 @dataclass(frozen=True)

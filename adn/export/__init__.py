@@ -4,7 +4,7 @@ The copy drops the skipped blocks, keeps only the active norm of each switchable
 batch norms into the convolution in front of them, and becomes an instance of the plain timm
 class again: its forward takes no mask, and ``torch.export`` / ONNX see a static graph.
 
-Files (``adn.export.files``, ``python -m adn.export``): the sub-network written as safetensors,
+Files (``adn.export.files``, ``python -m pipeline.export``): the sub-network written as safetensors,
 TorchScript, ONNX or a ``torch.export`` program, loaded back and checked against the super-net.
 """
 

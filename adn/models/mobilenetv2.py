@@ -2,7 +2,7 @@
 
 The five inverted-residual stages with at least two blocks (2, 3, 4, 3, 3) are the skippable
 stages. Norms outside them switch too: the stem and the first (single-block) stage follow bit 1,
-the last (single-block) stage and the final 1x1 conv follow bit 5 (DESIGN.md section 1).
+the last (single-block) stage and the final 1x1 conv follow bit 5 (docs/design.md, "The split per family").
 Dropout 0.2 before the classifier, as the official model (torchvision's) has; timm's default is 0.
 """
 

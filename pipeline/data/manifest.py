@@ -13,6 +13,8 @@ from .errors import DataError
 from .storage import Location, parse_location
 
 FORMAT = "adn-webdataset/1"
+#: The split ``pipeline.data.shard --holdout`` keeps out of training, on which the search chooses masks.
+HOLDOUT_SPLIT = "minival"
 __all__ = ["DataError", "Manifest", "ShardInfo", "read_manifest", "sha256_of"]
 
 

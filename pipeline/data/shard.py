@@ -27,7 +27,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from .manifest import DataError, Manifest, ShardInfo, sha256_of
+from .manifest import HOLDOUT_SPLIT, DataError, Manifest, ShardInfo, sha256_of
 from .sources import SampleRef, digits_samples, imagenet_samples, imagenet_splits
 
 # Fixed member times, so the same samples always give byte-identical shards. An int: a float mtime
@@ -48,8 +48,6 @@ def plan_shards(refs: Sequence[SampleRef], shard_size: int, shuffle_seed: int | 
         random.Random(shuffle_seed).shuffle(ordered)
     return [ordered[i : i + shard_size] for i in range(0, len(ordered), shard_size)]
 
-
-HOLDOUT_SPLIT = "minival"
 
 
 def holdout(refs: Sequence[SampleRef], n: int, seed: int) -> tuple[list[SampleRef], list[SampleRef]]:

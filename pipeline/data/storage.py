@@ -25,9 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
-from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -82,7 +79,12 @@ def open_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> _S3Body:
     return _S3Body(url)
 
 
-gopen_schemes["s3"] = open_s3
+def open_url(url: str) -> Any:
+    """A byte stream of a shard at ``url`` (a path, http(s)://, s3:// or pipe:), through WebDataset's ``gopen``."""
+    from webdataset.gopen import gopen, gopen_schemes
+
+    gopen_schemes.setdefault("s3", open_s3)
+    return gopen(url)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,9 @@ def _transport_failed(stream: Any) -> OSError | None:
 
 def _read_shard(url: str, on_bad_member: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """WebDataset's tar expansion of one shard; transport errors are raised, damaged members handed on."""
-    stream = gopen(url)
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = open_url(url)
     complete = False
 
     def handler(exn: Exception) -> bool:

@@ -15,10 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from tqdm import tqdm
-from webdataset import gopen
 
 from .manifest import DataError, read_manifest
-from .storage import Location, parse_location
+from .storage import Location, open_url, parse_location
 
 CHUNK = 1 << 20
 
@@ -34,7 +33,7 @@ def verify(data: str | Location, splits: Sequence[str]) -> tuple[int, list[str]]
             for shard in manifest.shards:
                 digest, size = hashlib.sha256(), 0
                 try:
-                    stream = gopen(location.url(shard.name))
+                    stream = open_url(location.url(shard.name))
                     try:
                         while chunk := stream.read(CHUNK):
                             digest.update(chunk)

@@ -1,11 +1,11 @@
-"""What the tests know of each family (from DESIGN.md, not from the code under test) and shared helpers."""
+"""What the tests know of each family (from the paper via docs/design.md, not from the code) and shared helpers."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# The split each family must have, written from DESIGN.md section 1 (not from the code under test):
+# The split each family must have, written from docs/design.md, "The split per family" (not from the code under test):
 # blocks per skippable stage, how many of them are skippable, and the module path of block i of stage s.
 SPLITS = {
     "resnet50": ((3, 4, 6, 3), (1, 2, 3, 1), lambda s, i: f"layer{s + 1}.{i}"),

@@ -14,7 +14,7 @@ from adn.summary import summarize
 
 from .families import PAPER_MODELS
 
-# DESIGN.md section 1: params (M), GFLOPs of FF..F and TT..T.
+# The paper's ImageNet table: params (M), GFLOPs of FF..F and TT..T.
 PAPER = {
     "resnet50": (25.58, 4.11, 2.58),
     "mobilenet_v2": (3.53, 0.32, 0.22),

@@ -1,4 +1,4 @@
-"""The split, the switchable norms and the masked forward of every family, against DESIGN.md."""
+"""The split, the switchable norms and the masked forward of every family, against docs/design.md."""
 
 import math
 
@@ -12,7 +12,7 @@ from .families import ALL_MODELS, SPLITS, randomize_norms, resolution
 
 
 def _skippable_paths(name: str) -> dict[str, int]:
-    """Path of every skippable block -> its stage, from the DESIGN.md table."""
+    """Path of every skippable block -> its stage, from the table in docs/design.md."""
     blocks, skippable, path = SPLITS[name]
     return {path(s, i): s for s, (n, k) in enumerate(zip(blocks, skippable, strict=True)) for i in range(n - k, n)}
 

@@ -23,8 +23,8 @@ import adn
 from adn.checkpoint import load_trained, save_weights
 from adn.norms import SwitchableNorm
 from adn.pretrained import timm_weights
+from pipeline.config import parse_args, resolve_config
 from pipeline.init_from import InitError, build, resolve
-from pipeline.train import parse_args, resolve_config
 
 from ..adn.families import randomize_norms
 from ..daemons import free_port
@@ -125,18 +125,18 @@ def test_the_finetune_recipes_are_the_paper_ones_for_a_quarter_of_the_epochs() -
     """The budget and rate the small study chose (README): a quarter of the epochs, the from-scratch peak rate."""
     scratch = resolve_config(parse_args(["--model", "resnet_mini", "--data", "."]))
     tuned = resolve_config(parse_args(["--recipe", "resnet_mini_finetune", "--data", ".", "--init-from", "x"]))
-    assert tuned["model"] == "resnet_mini" and tuned["init_from"] == "x"
-    assert tuned["data"] == scratch["data"] and tuned["adn"] == scratch["adn"]
-    assert tuned["optimizer"] == scratch["optimizer"] and tuned["epochs"] == 24 // 4  # make reproduce: 24 epochs
+    assert tuned.model == "resnet_mini" and tuned.init_from == "x"
+    assert tuned.data == scratch.data and tuned.adn == scratch.adn
+    assert tuned.optimizer == scratch.optimizer and tuned.epochs == 24 // 4  # make reproduce: 24 epochs
     for model in ("resnet50", "vit_b16"):
         paper = resolve_config(parse_args(["--model", model, "--data", "."]))
         fine = resolve_config(parse_args(["--recipe", f"{model}_finetune", "--data", "."]))
         weights = timm_weights(model)  # inputs normalised as timm's weights were trained
-        assert fine["init_from"] == "timm" and fine["model"] == model
-        assert fine["data"] == {**paper["data"], "mean": list(weights.mean), "std": list(weights.std)}
-        assert fine["optimizer"] == paper["optimizer"] and fine["epochs"] == round(paper["epochs"] / 4)
-        assert fine["lr_schedule"]["name"] == "cosine" and fine["lr_schedule"]["warmup_epochs"] >= 1
-        assert fine["batch_size"] == paper["batch_size"] and fine["adn"] == paper["adn"]
+        assert fine.init_from == "timm" and fine.model == model
+        assert fine.data == {**paper.data, "mean": list(weights.mean), "std": list(weights.std)}
+        assert fine.optimizer == paper.optimizer and fine.epochs == round(paper.epochs / 4)
+        assert fine.lr_schedule["name"] == "cosine" and fine.lr_schedule["warmup_epochs"] >= 1
+        assert fine.batch_size == paper.batch_size and fine.adn == paper.adn
 
 
 # -- MLflow ------------------------------------------------------------------------------------------------------------

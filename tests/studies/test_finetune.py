@@ -1,4 +1,4 @@
-"""`python -m pipeline.finetune_study` on a tiny budget: the conversion is the vanilla network, every training's
+"""`python -m studies.finetune` on a tiny budget: the conversion is the vanilla network, every training's
 images are counted, the table, figure and MLflow runs exist, and a rerun reuses what it trained."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.finetune_study import budget_epochs
+from studies.finetune import budget_epochs
 
-from .conftest import train_env
+from ..pipeline.conftest import train_env
 
 
 def _study(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.finetune_study", *args], cwd=cwd, env=train_env(),
+    return subprocess.run([sys.executable, "-m", "studies.finetune", *args], cwd=cwd, env=train_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

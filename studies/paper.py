@@ -1,4 +1,4 @@
-"""The paper's claims, reproduced: ``python -m pipeline.study`` (``make reproduce``).
+"""The paper's claims, reproduced: ``python -m studies.paper`` (``make reproduce``).
 
 For each seed it trains, with one recipe and one budget, the vanilla network (the super-net
 alone), the base-net alone and the ADN super-net: three ``pipeline.train`` processes, each a
@@ -16,31 +16,24 @@ and resumes an unfinished one from its checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from adn.checkpoint import WEIGHTS_NAME, load_trained
+from adn.checkpoint import load_trained
 from adn.complexity import mask_costs
 from adn.norms import copy_kept_norms as naive_skipping  # a vanilla network cut as a plain one would be
+from pipeline.data import read_manifest
+from pipeline.recipes import list_recipes
+from search.accuracy import evaluate_split  # shares the stage prefixes of masks: the search's evaluator
 
-from .checkpoint import CHECKPOINTS
-from .data import DataError, read_manifest
-from .data.storage import parse_location
-from .recipes import list_recipes, load_recipe
-from .tracking import Tracker, TrackingError, check_reachable, resolve_tracking_uri
+from .driver import KEEP, Study, check_common, conduct, spread
 
 MODES = ("vanilla", "base", "adn")
 ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla": "vanilla (super-net alone)",
@@ -49,7 +42,7 @@ ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.study", description=__doc__.split("\n\n")[1],
+        prog="python -m studies.paper", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/digits-hard",
                    help="shards with train.json and val.json (make reproduce writes the digits-hard task there)")
@@ -72,40 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _get(cfg: dict[str, Any], key: str) -> Any:
-    """``cfg[a][b]`` for the key ``a.b`` (None where missing)."""
-    for part in key.split("."):
-        cfg = cfg.get(part) if isinstance(cfg, dict) else None
-    return cfg
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation (0 for one seed), min and max of per-seed top-1s, in percent."""
-    pct = [100 * v for v in values]
-    return {"mean": statistics.fmean(pct), "std": statistics.stdev(pct) if len(pct) > 1 else 0.0,
-            "min": min(pct), "max": max(pct), "seeds": len(pct)}
-
-
-class Study:
-    """The trainings of one study directory and what is computed from them."""
+class PaperStudy(Study):
+    """Per seed, the vanilla network, the base-net alone and the ADN, then every mask of each evaluated."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = Path(args.out)
-        self.recipe_name = args.recipe or args.model
-        self.recipe = load_recipe(self.recipe_name)
-        self.epochs = args.epochs or self.recipe["epochs"]
-        self.data = str(args.data)
-        self.tracker: Tracker | None = None
+        super().__init__(args)
         self.costs: dict[str, dict[str, float]] = {}  # GFLOPs and params of each mask, from the first ADN evaluated
-        # each training's wall time, kept across invocations that reuse it (trainings.json)
-        saved = self.out / "trainings.json"
-        self.timing: dict[str, float] = json.loads(saved.read_text()) if saved.is_file() else {}
-        self.reused = set(self.timing)
-        self.threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)  # per training, when running --jobs at once
-        self.lock = threading.Lock()
-        self.procs: set[subprocess.Popen] = set()
-        self.stopping = False
 
     def train_all(self, jobs: list[tuple[int, str]]) -> None:
         """Run the trainings ``--jobs`` at a time, longest first; the first failure stops the others."""
@@ -113,107 +78,9 @@ class Study:
         order = sorted(jobs, key=lambda job: (cost[job[1]], job[0]))
         self.run_all([(seed, mode, lambda seed=seed, mode=mode: self.train(seed, mode)) for seed, mode in order])
 
-    def run_all(self, jobs: list[tuple[int, str, Callable[[], dict[str, Any]]]]) -> None:
-        """Run ``(seed, name, train)`` jobs ``--jobs`` at a time in the order given; the first failure stops the
-        others."""
-        bar = tqdm(total=len(jobs), desc="study", unit="training", dynamic_ncols=True)
-        with ThreadPoolExecutor(self.args.jobs) as pool:
-            futures = {pool.submit(train): (seed, mode) for seed, mode, train in jobs}
-            try:
-                for future in as_completed(futures):
-                    seed, mode = futures[future]
-                    summary = future.result()
-                    line = ", ".join(f"{r['mask']} {r['acc1']:.2%}" for r in summary["masks"] if r["acc1"] is not None)
-                    tqdm.write(f"seed {seed} {mode}: {line}")
-                    bar.update(1)
-            except BaseException:
-                with self.lock:
-                    self.stopping = True
-                    for proc in self.procs:
-                        proc.terminate()
-                for future in futures:
-                    future.cancel()
-                raise
-            finally:
-                bar.close()
-
-    # -- trainings ------------------------------------------------------------------------------
-    def run_dir(self, seed: int, mode: str) -> Path:
-        return self.out / f"seed{seed}" / mode
-
-    def wanted(self, seed: int, mode: str) -> dict[str, Any]:
-        """The settings of one from-scratch training, as its config.yaml records them."""
-        return {"model": self.args.model, "recipe": str(self.recipe_name), "mode": mode, "epochs": self.epochs,
-                "seed": seed, "data_dir": parse_location(self.data).absolute(), "max_steps": self.args.max_steps,
-                "init_from": None}
-
-    def state(self, seed: int, mode: str, want: dict[str, Any] | None = None) -> str:
-        """'done', 'resume' or 'new'; a directory trained with other settings is an error."""
-        run = self.run_dir(seed, mode)
-        if not (run / "config.yaml").is_file():
-            return "new"
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        want = want or self.wanted(seed, mode)
-        differ = [k for k in want if _get(cfg, k) != want[k]]
-        if differ:
-            raise ValueError(f"{str(run)!r} holds a training with other settings ({', '.join(differ)}); "
-                             "choose another --out or remove it.")
-        if (run / "summary.json").is_file() and (run / WEIGHTS_NAME).is_file():
-            return "done"
-        return "resume" if (run / CHECKPOINTS / "latest").exists() else "new"
-
-    def train(self, seed: int, mode: str) -> dict[str, Any]:
-        """Run (or resume, or reuse) one from-scratch training; returns its summary.json."""
-        flags = ["--recipe", str(self.recipe_name), "--mode", mode, "--epochs", str(self.epochs)]
-        if self.args.max_steps:
-            flags += ["--max-steps", str(self.args.max_steps)]
-        return self.launch(seed, mode, flags, self.wanted(seed, mode))
-
-    def launch(self, seed: int, name: str, flags: list[str], want: dict[str, Any]) -> dict[str, Any]:
-        """Run (or resume, or reuse) the training ``seed<S>/<name>`` with these ``pipeline.train`` flags;
-        ``want`` is what its config.yaml must hold to be reused. Returns its summary.json."""
-        run, state = self.run_dir(seed, name), self.state(seed, name, want)
-        if state != "done":
-            cmd = [sys.executable, "-m", "pipeline.train", "--model", self.args.model, "--data", self.data, *flags,
-                   "--seed", str(seed), "--output", str(run), "--workers", str(self.args.workers),
-                   "--run-name", f"{name}-seed{seed}", "--experiment", self.args.experiment]
-            if self.tracker is not None and self.tracker.enabled:
-                cmd += ["--tracking-uri", self.tracker.uri, "--parent-run-id", str(self.tracker.run_id)]
-            else:
-                cmd += ["--no-tracking"]
-            if state == "resume":
-                cmd += ["--resume"]
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-            env.setdefault("OMP_NUM_THREADS", str(self.threads))
-            if not torch.cuda.is_available():
-                env.setdefault("DS_ACCELERATOR", "cpu")
-            run.parent.mkdir(parents=True, exist_ok=True)
-            log = run.parent / f"{name}.log"
-            start = time.perf_counter()
-            with open(log, "a") as out:
-                with self.lock:
-                    if self.stopping:
-                        raise RuntimeError("stopped")
-                    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-                    self.procs.add(proc)
-                code = proc.wait()
-                with self.lock:
-                    self.procs.discard(proc)
-            with self.lock:
-                self.timing[f"seed{seed}/{name}"] = time.perf_counter() - start
-                self.reused.discard(f"seed{seed}/{name}")
-                (self.out / "trainings.json").write_text(json.dumps(self.timing, indent=1))
-            if code != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-                raise RuntimeError(f"the {name} training of seed {seed} failed (exit {code}): {tail[0]}; "
-                                   f"its log is {log}.")
-        return json.loads((run / "summary.json").read_text())
-
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate_seed(self, seed: int, device: torch.device) -> dict[str, dict[str, float]]:
         """Top-1 of every mask: ADN, ADN calibrated, vanilla naively skipped, base alone (fractions)."""
-        from search.accuracy import evaluate_split  # shares the stage prefixes of masks: the search's evaluator
-
         found: dict[str, dict[str, float]] = {}
         for mode in MODES:
             model, meta = load_trained(self.run_dir(seed, mode), map_location=device)
@@ -269,7 +136,7 @@ def claims(rows: dict[str, Any], masks: dict[str, Any], sup: str, base: str, cha
     vanilla, alone = rows["vanilla"]["top1"]["mean"], rows["base_alone"]["top1"]["mean"]
     naive = masks[base]["naive"]["mean"]
     # "collapses": the naively skipped base-net loses at least half of the vanilla network's accuracy above chance;
-    # "does not": ADN's base-net keeps at least 90 % of its super-net's accuracy above chance.
+    # "does not": ADN's base-net keeps at least KEEP of its super-net's accuracy above chance.
     naive_kept = (naive - chance) / max(vanilla - chance, 1e-9)
     adn_kept = (adn_base - chance) / max(adn_sup - chance, 1e-9)
     return [
@@ -278,10 +145,10 @@ def claims(rows: dict[str, Any], masks: dict[str, Any], sup: str, base: str, cha
         {"claim": "ADN base-net > base-net alone", "holds": adn_base > alone,
          "evidence": f"ADN {base} {adn_base:.2f} vs base alone {alone:.2f} ({adn_base - alone:+.2f})"},
         {"claim": "naive skipping of the vanilla network collapses, ADN's base-net does not",
-         "holds": naive_kept <= 0.5 and adn_kept >= 0.9,
+         "holds": naive_kept <= 0.5 and adn_kept >= KEEP,
          "evidence": f"vanilla skipped to {base}: {naive:.2f} (keeps {naive_kept:.0%} of its accuracy above chance "
                      f"{chance:.0f}; collapse: <= 50 %); ADN {base} keeps {adn_kept:.0%} of the super-net's "
-                     f"(holds: >= 90 %)"},
+                     f"(holds: >= {KEEP:.0%})"},
     ]
 
 
@@ -383,57 +250,49 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every bad input as one sentence before anything trains."""
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, got {args.epochs}.")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
     if args.calibrate_norms < 0:
         raise ValueError(f"--calibrate-norms takes a number of images (0: off), got {args.calibrate_norms}.")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds repeats a seed: {args.seeds}.")
-    read_manifest(args.data, "train")
-    read_manifest(args.data, "val")
+    check_common(args)
 
 
-def parent_run(args: argparse.Namespace, study: Study, record: str = "run.json", name: str | None = None,
-               tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> Tracker:
-    """The study's MLflow run, its id kept in ``--out``/``record``: a study run again there continues that run.
-
-    The defaults are this study's; ``pipeline.finetune_study`` passes its own record, name, tags and params.
-    """
-    uri = resolve_tracking_uri(args.tracking_uri)
-    check_reachable(uri)
-    saved = study.out / record
-    previous = json.loads(saved.read_text()) if saved.is_file() else {}
-    run_id = previous.get("mlflow_run_id") if previous.get("tracking_uri") == uri else None
-    tracker = Tracker(uri, args.experiment, name or f"study-{args.model}-{study.epochs}ep", run_id=run_id,
-                      tags=tags or {"adn.model": args.model, "adn.study": "paper-claims",
-                                    "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, "
-                                                           f"{study.epochs} epochs; child runs are its trainings"})
-    if run_id is None:
-        tracker.log_params(params or {"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
-                                      "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
-                                      "calibrate_norms": args.calibrate_norms})
-        saved.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
-                                     "experiment": args.experiment}, indent=1))
-    return tracker
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """The parent run's metrics: each row's mean and spread, each mask's top-1, each claim's verdict, the wall."""
+    metrics = {f"{key}_top1_mean": row["top1"]["mean"] for key, row in result["rows"].items()}
+    metrics.update({f"{key}_top1_std": row["top1"]["std"] for key, row in result["rows"].items()})
+    for mask, m in result["masks"].items():
+        metrics[f"adn_top1_{mask}"] = m["adn"]["mean"]
+        metrics[f"naive_top1_{mask}"] = m["naive"]["mean"]
+        if "adn_calibrated" in m:
+            metrics[f"adn_calibrated_top1_{mask}"] = m["adn_calibrated"]["mean"]
+    metrics.update({f"claim{i + 1}_holds": float(c["holds"]) for i, c in enumerate(result["claims"])})
+    metrics["wall_s"] = result["timing"]["total_s"]
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    study: Study | None = None
-    try:
+
+    def make() -> PaperStudy:
         check_args(args)
-        study = Study(args)
+        return PaperStudy(args)
+
+    def run(study: PaperStudy) -> None:
         jobs = [(seed, mode) for seed in args.seeds for mode in MODES]
-        for seed, mode in jobs:
-            study.state(seed, mode)  # a directory trained with other settings stops the study before it starts
+        for seed, mode in jobs:  # a directory trained with other settings stops the study before it starts
+            study.state(seed, mode, study.wanted(seed, mode))
         study.out.mkdir(parents=True, exist_ok=True)
         if not args.no_tracking:
-            study.tracker = parent_run(args, study)
+            study.tracker = study.parent_run(
+                "run.json", f"study-{args.model}-{study.epochs}ep",
+                tags={"adn.model": args.model, "adn.study": "paper-claims",
+                      "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, {study.epochs} epochs; "
+                                             "child runs are its trainings"},
+                params={"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
+                        "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
+                        "calibrate_norms": args.calibrate_norms})
         study.train_all(jobs)
         train_s = time.perf_counter() - start
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -444,38 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                             "trainings_s": study.timing,
                             "reused_from_an_earlier_invocation": sorted(study.reused), "jobs": args.jobs,
                             "threads_per_training": int(os.environ.get("OMP_NUM_THREADS", study.threads))}
-        (study.out / "study.json").write_text(json.dumps(result, indent=1))
-        (study.out / "study.md").write_text(markdown(result))
-        plot(result, study.out / "study.png")
-        if study.tracker is not None:
-            metrics = {f"{key}_top1_mean": row["top1"]["mean"] for key, row in result["rows"].items()}
-            metrics.update({f"{key}_top1_std": row["top1"]["std"] for key, row in result["rows"].items()})
-            for mask, m in result["masks"].items():
-                metrics[f"adn_top1_{mask}"] = m["adn"]["mean"]
-                metrics[f"naive_top1_{mask}"] = m["naive"]["mean"]
-                if "adn_calibrated" in m:
-                    metrics[f"adn_calibrated_top1_{mask}"] = m["adn_calibrated"]["mean"]
-            metrics.update({f"claim{i + 1}_holds": float(c["holds"]) for i, c in enumerate(result["claims"])})
-            metrics["wall_s"] = result["timing"]["total_s"]
-            study.tracker.log_metrics(metrics, step=0)
-            for name in ("study.md", "study.json", "study.png"):
-                study.tracker.log_artifact(study.out / name)
-            study.tracker.finish()
-        print()
-        print((study.out / "study.md").read_text())
-        print(f"table: {study.out / 'study.md'} and {study.out / 'study.json'}; figure: {study.out / 'study.png'}")
-        if study.tracker is not None:
-            print(f"MLflow parent run {study.tracker.run_id}: {study.tracker.where()}")
-    except (ValueError, FileNotFoundError, DataError, TrackingError, RuntimeError) as err:
-        if study is not None and study.tracker is not None:
-            study.tracker.finish("FAILED")
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if study is not None and study.tracker is not None:
-            study.tracker.finish("KILLED")
-        raise
-    return 0
+        study.publish("study", result, markdown(result), plot, metrics_of(result))
+
+    return conduct(make, run)
 
 
 if __name__ == "__main__":

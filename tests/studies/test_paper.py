@@ -1,4 +1,4 @@
-"""`python -m pipeline.study` on a tiny budget (1 seed, 1 epoch): table, figure, MLflow parent and children."""
+"""`python -m studies.paper` on a tiny budget (1 seed, 1 epoch): table, figure, MLflow parent and children."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from adn import SkippableSequential, create_model
-from pipeline.study import MODES, naive_skipping
+from studies.paper import MODES, naive_skipping
 
-from .conftest import train_env
+from ..pipeline.conftest import train_env
 
 MASKS = 16  # resnet_mini: 4 stages
 
 
 def _study(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.study", *args], cwd=cwd, env=train_env(),
+    return subprocess.run([sys.executable, "-m", "studies.paper", *args], cwd=cwd, env=train_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,5 +1,5 @@
 """Converting a trained network into an ADN, against training the ADN from scratch: ``python -m
-pipeline.finetune_study`` (``make reproduce-finetune``).
+studies.finetune`` (``make reproduce-finetune``).
 
 For each seed it trains the vanilla network and the ADN super-net from scratch with one recipe
 and budget (as ``make reproduce`` does), then fine-tunes the vanilla network's weights into an ADN
@@ -25,16 +25,16 @@ from typing import Any
 
 import yaml
 
-from .data import DataError, read_manifest
-from .data.storage import parse_location
-from .recipes import list_recipes, load_recipe
-from .study import Study, parent_run, spread
-from .tracking import TrackingError
+from pipeline.data import read_manifest
+from pipeline.data.storage import parse_location
+from pipeline.recipes import list_recipes, load_recipe
+
+from .driver import KEEP, Study, check_common, conduct, spread
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.finetune_study", description=__doc__.split("\n\n")[1],
+        prog="python -m studies.finetune", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/digits-hard", help="shards with train.json and val.json")
     p.add_argument("--model", default="resnet_mini", help="ADN model; the recipe named after it trains from scratch")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "only)")
     p.add_argument("--lrs", type=float, nargs="+", help="fine-tune learning rates (default: the fine-tune recipe's)")
     p.add_argument("--out", default="runs/finetune", help="directory for the trainings, table and figure")
-    p.add_argument("--jobs", type=int, default=2, help="trainings run at once (see pipeline.study --help)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run at once (see studies.paper --help)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of each training")
     p.add_argument("--max-steps", type=int, help="stop every from-scratch training after this many steps (smoke runs)")
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -56,18 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-#: the base-net keeps at least this share of the super-net's accuracy above chance (the paper's third claim, as
-#: ``pipeline.study`` tests it)
-KEEP = 0.9
-
-
 def budget_epochs(budget: float, epochs: int) -> int:
     """Whole epochs of a budget (0 stays 0: the conversion alone)."""
     return 0 if budget == 0 else max(1, round(budget * epochs))
 
 
 class FinetuneStudy(Study):
-    """The from-scratch trainings of ``pipeline.study`` plus the fine-tunes from each seed's vanilla network."""
+    """The from-scratch trainings of ``studies.paper`` plus the fine-tunes from each seed's vanilla network."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
@@ -116,7 +111,7 @@ class FinetuneStudy(Study):
         cfg = yaml.safe_load((self.run_dir(seed, name) / "config.yaml").read_text())
         return float(self.summary(seed, name)["steps"] * cfg["batch_size"] * cfg["world_size"])
 
-    def report(self, _: Any = None) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         seeds = self.args.seeds
         train_size = read_manifest(self.data, "train").num_samples
         sample = self.summary(seeds[0], "adn")
@@ -280,35 +275,42 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every bad input as one sentence before anything trains."""
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, got {args.epochs}.")
     if any(b < 0 or b > 1 for b in args.budgets):
         raise ValueError(f"--budgets are fractions of --epochs between 0 and 1, got {args.budgets}.")
     if args.lrs and any(lr <= 0 for lr in args.lrs):
         raise ValueError(f"--lrs must be above 0, got {args.lrs}.")
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise ValueError(f"--seeds repeats a seed: {args.seeds}.")
-    read_manifest(args.data, "train")
-    read_manifest(args.data, "val")
+    check_common(args)
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """The parent run's metrics: each training's top-1 of both ends, images and step time, the target, the wall."""
+    metrics = {"target_base_top1": result["target_base_top1"], "wall_s": result["timing"]["total_s"]}
+    for r in [result["vanilla"], result["scratch"], *result["finetunes"]]:
+        metrics[f"{r['name']}_super_top1"] = r["super"]["mean"]
+        if r["base"] is not None:
+            metrics[f"{r['name']}_base_top1"] = r["base"]["mean"]
+        metrics[f"{r['name']}_images"] = r["images"]
+        metrics[f"{r['name']}_step_s"] = r["step_s"]
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.calibrate_norms = 0
     start = time.perf_counter()
-    study: FinetuneStudy | None = None
-    try:
+
+    def make() -> FinetuneStudy:
         check_args(args)
-        study = FinetuneStudy(args)
+        return FinetuneStudy(args)
+
+    def run(study: FinetuneStudy) -> None:
         for seed in args.seeds:  # a directory trained with other settings stops the study before it starts
-            study.state(seed, "vanilla")
-            study.state(seed, "adn")
+            study.state(seed, "vanilla", study.wanted(seed, "vanilla"))
+            study.state(seed, "adn", study.wanted(seed, "adn"))
         study.out.mkdir(parents=True, exist_ok=True)
         if not args.no_tracking:
-            study.tracker = parent_run(
-                args, study, "finetune-run.json", f"finetune-{args.model}-{study.epochs}ep",
+            study.tracker = study.parent_run(
+                "finetune-run.json", f"finetune-{args.model}-{study.epochs}ep",
                 tags={"adn.model": args.model, "adn.study": "finetune-vs-scratch",
                       "mlflow.note.content": f"{args.model} converted into an ADN by fine-tunes of {study.budgets} "
                                              f"epochs against {study.epochs} from scratch"},
@@ -319,37 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         result = study.report()
         result["timing"] = {"total_s": time.perf_counter() - start, "trainings_s": study.timing,
                             "reused_from_an_earlier_invocation": sorted(study.reused), "jobs": args.jobs}
-        (study.out / "finetune.json").write_text(json.dumps(result, indent=1))
-        (study.out / "finetune.md").write_text(markdown(result))
-        plot(result, study.out / "finetune.png")
-        if study.tracker is not None:
-            metrics = {"target_base_top1": result["target_base_top1"], "wall_s": result["timing"]["total_s"]}
-            for r in [result["vanilla"], result["scratch"], *result["finetunes"]]:
-                metrics[f"{r['name']}_super_top1"] = r["super"]["mean"]
-                if r["base"] is not None:
-                    metrics[f"{r['name']}_base_top1"] = r["base"]["mean"]
-                metrics[f"{r['name']}_images"] = r["images"]
-                metrics[f"{r['name']}_step_s"] = r["step_s"]
-            study.tracker.log_metrics(metrics, step=0)
-            for name in ("finetune.md", "finetune.json", "finetune.png"):
-                study.tracker.log_artifact(study.out / name)
-            study.tracker.finish()
-        print()
-        print((study.out / "finetune.md").read_text())
-        print(f"table: {study.out / 'finetune.md'} and {study.out / 'finetune.json'}; figure: "
-              f"{study.out / 'finetune.png'}")
-        if study.tracker is not None:
-            print(f"MLflow parent run {study.tracker.run_id}: {study.tracker.where()}")
-    except (ValueError, FileNotFoundError, DataError, TrackingError, RuntimeError) as err:
-        if study is not None and study.tracker is not None:
-            study.tracker.finish("FAILED")
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if study is not None and study.tracker is not None:
-            study.tracker.finish("KILLED")
-        raise
-    return 0
+        study.publish("finetune", result, markdown(result), plot, metrics_of(result))
+
+    return conduct(make, run)
 
 
 if __name__ == "__main__":

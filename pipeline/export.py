@@ -1,8 +1,9 @@
-"""``python -m adn.export``: write the sub-network of a trained ADN for a mask or a latency budget.
+"""``python -m pipeline.export``: write the sub-network of a trained ADN for a mask or a latency budget.
 
-    python -m adn.export --checkpoint runs/demo --mask TTFF --out slim.onnx
-    python -m adn.export --pareto runs/demo/pareto-cpu --max-latency-ms 1.2 --out slim.pt2
-    python -m adn.export --checkpoint runs/demo --mask FFTF --calibrate-norms 512 --data data/digits --out slim.onnx
+    python -m pipeline.export --checkpoint runs/demo --mask TTFF --out slim.onnx
+    python -m pipeline.export --pareto runs/demo/pareto-cpu --max-latency-ms 1.2 --out slim.pt2
+    python -m pipeline.export --checkpoint runs/demo --mask FFTF --calibrate-norms 512 --data data/digits \
+        --out slim.onnx
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .files import FORMATS, export_file, format_of
+from adn.calibrate import calibrate_norms
+from adn.checkpoint import load_trained
+from adn.export.files import FORMATS, export_file, format_of
+from adn.runtime import DepthSelector
+
+from .evaluate import calibration_loader
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, export, print what was written; one sentence and exit 2 on bad input."""
     p = argparse.ArgumentParser(
-        prog="python -m adn.export", description="Write one sub-network of a trained ADN as a slim, plain model "
+        prog="python -m pipeline.export", description="Write one sub-network of a trained ADN as a slim, plain model "
         "(skipped blocks removed, one norm per pair, batch norms folded), check the file against the "
         "super-net under that mask, and print its params and GFLOPs.")
     p.add_argument("--checkpoint", help="weights.safetensors or a training output directory (default with "
@@ -47,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.pareto:
             if args.max_latency_ms is None:
                 raise ValueError("--pareto needs --max-latency-ms, the budget to pick the mask for.")
-            from ..runtime import DepthSelector
-
             mask = DepthSelector.from_file(args.pareto).select(args.max_latency_ms)
             report = Path(args.pareto) / "pareto.json" if Path(args.pareto).is_dir() else Path(args.pareto)
             checkpoint = checkpoint or json.loads(report.read_text()).get("weights")
@@ -56,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--max-latency-ms picks from a search: pass --pareto DIR with it, or --mask alone.")
         if not checkpoint:
             raise ValueError("pass --checkpoint (weights.safetensors or a training directory).")
-        from ..checkpoint import load_trained
-
         model, meta = load_trained(checkpoint)
         calibrated = _calibrate(model, meta, mask, args.data, args.calibrate_norms) if args.calibrate_norms else None
         done = export_file(model, mask, args.out, fmt, model_name=meta["model"], classes=meta["classes"],
@@ -74,10 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _calibrate(model: Any, meta: dict[str, Any], mask: str, data: str, images: int) -> str:
     """Recalibrate the norms ``mask`` uses from the first ``images`` training images, validation transforms."""
-    from pipeline.evaluate import calibration_loader
-
-    from ..calibrate import calibrate_norms
-
     loader = calibration_loader(data, meta["recipe"], images)
     seen = 0
 

@@ -1,4 +1,4 @@
-"""`python -m adn.export`: each format written, loaded back, and equal to the super-net under the mask.
+"""`python -m pipeline.export`: each format written, loaded back, and equal to the super-net under the mask.
 
 The CLI's ``main`` runs in this process (as ``python -m`` runs it, without the interpreter start per
 call); one test runs the module as users type it.
@@ -17,9 +17,9 @@ import torch
 import adn
 from adn.checkpoint import save_weights
 from adn.export import FORMATS, load_subnet
-from adn.export.__main__ import main
+from pipeline.export import main
 
-from .families import randomize_norms
+from ..adn.families import randomize_norms
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = [str(i) for i in range(10)]
@@ -59,13 +59,14 @@ def test_each_format_loads_back_and_matches_the_masked_super_net(trained, fmt: s
 
 
 def test_the_mask_for_a_latency_budget_comes_from_a_search(trained, tmp_path: Path) -> None:
-    """`python -m adn.export --pareto DIR --max-latency-ms X` as typed: the checkpoint is the one the search used."""
+    """`python -m pipeline.export --pareto DIR --max-latency-ms X` as typed: the checkpoint is the search's."""
     name, weights, model = trained
     front = [{"mask": "TTTT", "acc1": 0.8, "latency_ms": 1.0}, {"mask": "FTFT", "acc1": 0.9, "latency_ms": 2.0},
              {"mask": "FFFF", "acc1": 0.95, "latency_ms": 3.0}]
     (tmp_path / "pareto.json").write_text(json.dumps({"front": front, "weights": str(weights)}))
-    done = subprocess.run([sys.executable, "-m", "adn.export", "--pareto", str(tmp_path), "--max-latency-ms", "2.5",
-                           "--out", str(tmp_path / "slim.pt2")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "pipeline.export", "--pareto", str(tmp_path), "--max-latency-ms",
+                           "2.5", "--out", str(tmp_path / "slim.pt2")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr[-2000:]
     assert f"{name} under FTFT" in done.stdout
     x = torch.randn(2, 3, 32, 32)
