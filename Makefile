@@ -10,7 +10,7 @@ DATA   ?= data/digits
 STUDY_EPOCHS ?= 24
 STUDY_JOBS   ?= 2
 
-.PHONY: help install test demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
+.PHONY: help install test test-fast demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
 	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
 
 help:  ## list the targets
@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install  ## run the test suite (CPU only; 20 to 35 minutes on 2 cores, daemons included; prints the slowest)
+test: install  ## run the whole test suite (CPU only, daemons included; prints the 15 slowest tests)
 	$(PY) -m pytest -q --durations=15
+
+test-fast: install  ## the inner loop: every test not marked slow (no training, search or daemon; under 5 minutes)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 demo: install  ## the whole path on the embedded digits: shards, train a small ADN into runs/demo, Pareto search on this CPU
 	rm -rf data/digits

@@ -25,7 +25,22 @@ _EXPORTS = {
     "select_mask": "runtime",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AdaptiveDepthMixin",
+    "BlockMask",
+    "DepthSelector",
+    "SkipMask",
+    "SkippableSequential",
+    "SwitchableNorm",
+    "calibrate_norms",
+    "count_flops",
+    "count_params",
+    "create_model",
+    "export_subnet",
+    "list_models",
+    "register_model",
+    "select_mask",
+]
 
 if TYPE_CHECKING:
     from .calibrate import calibrate_norms

@@ -1,26 +1,17 @@
 """Measure a latency table on this machine: ``python -m search.profile --model resnet50 --validate``.
 
 Every part (``search.parts``) is timed on the input it sees in the super-net, in both norm modes
-where its switchable norms follow a stage bit. A skippable block is also timed where it runs: its
-cost is the mean of what dropping it alone saves the super-net and what adding it alone costs the
-base-net (timed in isolation on a hot input, the early high-resolution blocks looked up to 2x
-cheaper than in the network). What runs between parts is the end-to-end time of the super-net
-and base-net minus their parts. All of it is timed over interleaved rounds (each round times every
-item once, in a fresh random order, so a slow spell of a shared machine lands on all of them alike
-and no item always runs right after the same one), and medians are kept. A fixed order had timed
-a block's norm-skipped mode right after its kept mode, with its weights still in cache: the same
-compute looked 25-30 % cheaper, and a ResNet50 table was 11-14 % off at both ends of the mask
-range. On CUDA, times come from CUDA events around back-to-back calls after a synchronisation.
+where its switchable norms follow a stage bit; a skippable block is also timed where it runs (the
+mean of what dropping it alone saves the super-net and what adding it alone costs the base-net).
+What runs between parts is the end-to-end time of both ends minus their parts. Everything is timed
+over interleaved rounds, each in a fresh random order, so a slow spell of a shared machine lands on
+all items alike; medians are kept. On CUDA, times come from CUDA events after a synchronisation.
 
-Every table validates itself: the whole network under every mask is timed as separate samples in
-the same rounds (so both see the same machine) and compared with ``search.tables.predict``:
-per-mask error, the mean absolute percentage error (``mape``) and the worst error (``max_error``),
-both as fractions. A table with a MAPE above ``--tolerance``, a mask predicted at 0 ms or below, a
-negative remainder beyond the tolerance of the fastest mask, or rounds that spread (a neighbour
-took a core for part of the run) is measured again, and after ``--attempts``
-the command fails saying the machine was too busy: two measurements at once once cached a table
-with negative latencies. ``--validate`` prints the validation; ``validate(table)`` checks a saved
-table again later.
+Every table validates itself: every mask's whole network is timed in the same rounds and compared
+with ``search.tables.predict`` (``mape``, ``max_error``). A table above ``--tolerance``, with a mask
+at 0 ms or below, a remainder below 0 beyond the tolerance of the fastest mask, or rounds that
+spread is measured again, and after ``--attempts`` the command fails saying the machine was too
+busy. ``--validate`` prints the validation; ``validate(table)`` checks a saved table again later.
 """
 
 from __future__ import annotations
@@ -358,6 +349,20 @@ def _print_table(table: dict[str, Any]) -> None:
     print(f"{'(between parts)':<24}{table['remainder_ms']:>10.4f}")
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag out of its range as one sentence, before anything is timed."""
+    if args.tolerance <= 0 or args.attempts < 1:
+        raise ValueError(f"--tolerance must be above 0 and --attempts at least 1, got {args.tolerance} and "
+                         f"{args.attempts}.")
+    if args.rounds < 3:
+        raise ValueError(f"--rounds must be at least 3 for a median to mean anything, got {args.rounds}.")
+    if args.threads is not None and (args.device != "cpu" or args.threads < 1):
+        raise ValueError(f"--threads sets CPU threads: give a count of at least 1 with --device cpu, "
+                         f"got {args.threads} with --device {args.device}.")
+    if args.save_as in LOCAL_TARGETS:
+        raise ValueError(f"{args.save_as!r} names this machine's cache; pick a target name such as h100.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m search.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,18 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON (the validation when --validate, else the table)")
     args = p.parse_args(argv)
     try:
-        if args.tolerance <= 0 or args.attempts < 1:
-            raise ValueError(f"--tolerance must be above 0 and --attempts at least 1, got {args.tolerance} and "
-                             f"{args.attempts}.")
-        if args.rounds < 3:
-            raise ValueError(f"--rounds must be at least 3 for a median to mean anything, got {args.rounds}.")
+        check_args(args)
         if args.threads is not None:
-            if args.device != "cpu" or args.threads < 1:
-                raise ValueError(f"--threads sets CPU threads: give a count of at least 1 with --device cpu, "
-                                 f"got {args.threads} with --device {args.device}.")
             torch.set_num_threads(args.threads)
-        if args.save_as in LOCAL_TARGETS:
-            raise ValueError(f"{args.save_as!r} names this machine's cache; pick a target name such as h100.")
         table, report = measure_checked(args.model, args.device, args.batch_size, args.resolution, args.dtype,
                                         args.rounds, args.num_classes, args.tolerance, args.attempts)
         if args.save_as:

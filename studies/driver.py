@@ -182,6 +182,17 @@ class Study:
             (self.out / "trainings.json").write_text(json.dumps(self.timing, indent=1))
         return code, log
 
+    def start(self, modes: tuple[str, ...], record: str, name: str, tags: dict[str, str],
+              params: dict[str, Any]) -> None:
+        """Refuse a directory of ``modes`` trained with other settings before anything starts, then create
+        ``--out`` and the parent run (unless ``--no-tracking``)."""
+        for seed in self.args.seeds:
+            for mode in modes:
+                self.state(seed, mode, self.wanted(seed, mode))
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.args.no_tracking:
+            self.tracker = self.parent_run(record, name, tags, params)
+
     def parent_run(self, record: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> Tracker:
         """The study's MLflow run, its id kept in ``--out``/``record``: a study run again there continues that run."""
         args = self.args

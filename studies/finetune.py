@@ -304,19 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         return FinetuneStudy(args)
 
     def run(study: FinetuneStudy) -> None:
-        for seed in args.seeds:  # a directory trained with other settings stops the study before it starts
-            study.state(seed, "vanilla", study.wanted(seed, "vanilla"))
-            study.state(seed, "adn", study.wanted(seed, "adn"))
-        study.out.mkdir(parents=True, exist_ok=True)
-        if not args.no_tracking:
-            study.tracker = study.parent_run(
-                "finetune-run.json", f"finetune-{args.model}-{study.epochs}ep",
-                tags={"adn.model": args.model, "adn.study": "finetune-vs-scratch",
-                      "mlflow.note.content": f"{args.model} converted into an ADN by fine-tunes of {study.budgets} "
-                                             f"epochs against {study.epochs} from scratch"},
-                params={"model": args.model, "recipe": str(study.recipe_name), "finetune_recipe": study.ft_recipe,
-                        "data": args.data, "epochs": study.epochs, "seeds": args.seeds,
-                        "budget_epochs": study.budgets, "lrs": study.lrs})
+        study.start(("vanilla", "adn"), "finetune-run.json", f"finetune-{args.model}-{study.epochs}ep",
+                    tags={"adn.model": args.model, "adn.study": "finetune-vs-scratch",
+                          "mlflow.note.content": f"{args.model} converted into an ADN by fine-tunes of "
+                                                 f"{study.budgets} epochs against {study.epochs} from scratch"},
+                    params={"model": args.model, "recipe": str(study.recipe_name),
+                            "finetune_recipe": study.ft_recipe, "data": args.data, "epochs": study.epochs,
+                            "seeds": args.seeds, "budget_epochs": study.budgets, "lrs": study.lrs})
         study.run_all(study.jobs())
         result = study.report()
         result["timing"] = {"total_s": time.perf_counter() - start, "trainings_s": study.timing,

@@ -280,19 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         return PaperStudy(args)
 
     def run(study: PaperStudy) -> None:
+        study.start(MODES, "run.json", f"study-{args.model}-{study.epochs}ep",
+                    tags={"adn.model": args.model, "adn.study": "paper-claims",
+                          "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, {study.epochs} "
+                                                 "epochs; child runs are its trainings"},
+                    params={"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
+                            "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
+                            "calibrate_norms": args.calibrate_norms})
         jobs = [(seed, mode) for seed in args.seeds for mode in MODES]
-        for seed, mode in jobs:  # a directory trained with other settings stops the study before it starts
-            study.state(seed, mode, study.wanted(seed, mode))
-        study.out.mkdir(parents=True, exist_ok=True)
-        if not args.no_tracking:
-            study.tracker = study.parent_run(
-                "run.json", f"study-{args.model}-{study.epochs}ep",
-                tags={"adn.model": args.model, "adn.study": "paper-claims",
-                      "mlflow.note.content": f"ADN study: {args.model}, seeds {args.seeds}, {study.epochs} epochs; "
-                                             "child runs are its trainings"},
-                params={"model": args.model, "recipe": str(study.recipe_name), "data": args.data,
-                        "epochs": study.epochs, "seeds": args.seeds, "max_steps": args.max_steps,
-                        "calibrate_norms": args.calibrate_norms})
         study.train_all(jobs)
         train_s = time.perf_counter() - start
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

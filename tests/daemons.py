@@ -165,7 +165,7 @@ def slurm_cluster(root: Path) -> Iterator[dict[str, str]]:
             out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True)
             return sorted(out.stdout.split()) == ["idle", "idle", "n1", "n2"]
 
-        wait_for(idle, 60, "two idle SLURM nodes", interval=0.5)
+        wait_for(idle, 120, "two idle SLURM nodes", interval=0.5)
         yield env
     finally:
         subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)

@@ -24,6 +24,7 @@ PAPER = {
 PLAIN_PARAMS = {"resnet50": 25.56, "mobilenet_v2": 3.50, "vit_b16": 86.57, "swin_t": 28.29}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PAPER_MODELS)
 def test_summary_matches_the_paper(name):
     params, super_gflops, base_gflops = PAPER[name]

@@ -28,6 +28,8 @@ from cluster.state import group_members, read_record
 from ..daemons import free_port, require, stop, wait_for
 from ..pipeline.conftest import ROOT, train_env
 
+pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
+
 MAKE = shutil.which("make") or "make"
 TRAIN = ["--model", "resnet_mini", "--epochs", "1", "--batch-size", "16", "--workers", "1", "--log-every", "1"]
 
@@ -61,7 +63,7 @@ def server() -> Iterator[dict]:
     state = Path(tempfile.mkdtemp(prefix="adn-services-"))  # PostgreSQL runs as `postgres`: it must enter it
     state.chmod(0o711)
     port = free_port()
-    done = _make("mlflow-server", f"MLFLOW_PORT={port}", state=state, timeout=400)
+    done = _make("mlflow-server", f"MLFLOW_PORT={port}", state=state, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:{port}" in done.stdout
     record = read_record(state / "mlflow" / "server.json")
@@ -111,7 +113,7 @@ def trained(server: dict, digits: Path, tmp_path_factory: pytest.TempPathFactory
                            "NODES=2", f"DATA={digits}", "ARGS=" + " ".join([*TRAIN[2:], "--max-steps", "6",
                                                                             "--output", str(out), "--tracking-uri",
                                                                             server["uri"]])],
-                          env=train_env(), capture_output=True, text=True, timeout=400)
+                          env=train_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_id = json.loads((out / "run.json").read_text())["mlflow_run_id"]
     return {"out": out, "run_id": run_id, "stdout": (out / "logs" / "node0.log").read_text()}
@@ -124,7 +126,7 @@ def searched(server: dict, trained: dict, digits: Path, tmp_path_factory: pytest
     done = subprocess.run([sys.executable, "-m", "search.pareto", "--target", "a100", "--mlflow-run", trained["run_id"],
                            "--tracking-uri", server["uri"], "--data", str(digits), "--max-samples", "100",
                            "--out", str(out)], env={**train_env(), "ADN_LUT_DIR": str(out.parent / "luts")},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "pareto.json").read_text())
     view = re.search(r"chart of top-1 against latency: (\S+)", done.stdout).group(1)
@@ -297,7 +299,7 @@ def test_a_search_spreads_its_evaluation_over_a_two_node_ray_cluster(trained_che
                                "--out", str(out)],
                               env={**train_env(), "CLUSTER_STATE": str(head_state),
                                    "ADN_LUT_DIR": str(tmp_path / "luts")},
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=1200)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads((out / "pareto.json").read_text())
         timing = report["timing"]  # one evaluation worker per node, each streaming half of every pass

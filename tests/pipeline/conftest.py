@@ -1,9 +1,14 @@
-"""Shared by the pipeline tests (and the cluster tests): the environment a launched training gets."""
+"""Shared by the pipeline tests (and the cluster tests): the environment a launched training gets, and the
+uninterrupted reference run that every resume test compares its weights with."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -14,3 +19,20 @@ def train_env(**extra: str) -> dict[str, str]:
                                                             "MASTER_ADDR", "MLFLOW_TRACKING_URI")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
     return env
+
+
+# Small and fast: 2 epochs of 39 steps at batch 32 (1,257 training digits), 1 loader worker.
+FAST = ["--model", "resnet_mini", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--log-every", "5"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FAST run uninterrupted, tracked in a SQLite MLflow store, checkpointing every 10 steps (once per test
+    run: its weights are what every interrupted and resumed FAST run must end with)."""
+    work = tmp_path_factory.mktemp("reference")
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output",
+                           str(work / "run"), "--save-every-steps", "10", "--tracking-uri",
+                           f"sqlite:///{work / 'mlflow.db'}"], cwd=work, env=train_env(), capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work

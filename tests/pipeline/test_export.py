@@ -58,6 +58,7 @@ def test_each_format_loads_back_and_matches_the_masked_super_net(trained, fmt: s
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_the_mask_for_a_latency_budget_comes_from_a_search(trained, tmp_path: Path) -> None:
     """`python -m pipeline.export --pareto DIR --max-latency-ms X` as typed: the checkpoint is the search's."""
     name, weights, model = trained

@@ -34,7 +34,7 @@ FAST = ["--workers", "1", "--batch-size", "32", "--log-every", "5"]
 DIGITS = [str(i) for i in range(10)]
 
 
-def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300,
+def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,
            ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or train_env(),
                           capture_output=True, text=True, timeout=timeout)
@@ -50,6 +50,7 @@ def plain_resnet_mini(num_classes: int = 10) -> nn.Module:
     return randomize_norms(model, seed=1).eval()
 
 
+@pytest.mark.slow
 def test_a_plain_state_dict_through_the_training_command_computes_what_the_plain_network_does(
         digits: Path, tmp_path: Path) -> None:
     plain = plain_resnet_mini()
@@ -150,6 +151,7 @@ def vanilla_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return work, json.loads((work / "run" / "run.json").read_text())["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_init_from_an_mlflow_run_downloads_and_converts_its_weights(vanilla_run: tuple[Path, str], digits: Path,
                                                                     ) -> None:
     work, run_id = vanilla_run
@@ -197,6 +199,7 @@ def _logged_run(work: Path, name: str, model: nn.Module, model_name: str, classe
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_a_run_of_another_model_or_other_classes_is_one_sentence_before_training(
         vanilla_run: tuple[Path, str], digits: Path) -> None:
     work, _ = vanilla_run
@@ -251,6 +254,7 @@ def test_offline_timm_without_the_cached_file_is_one_sentence_within_10_s(digits
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_timm_weights_placed_where_the_sentence_says_start_the_run_offline(digits: Path, tmp_path: Path) -> None:
     plain = randomize_norms(timm.create_model("resnet50"), seed=2).eval()
     place = tmp_path / "hf" / "hub" / "models--timm--resnet50.a1_in1k" / "snapshots" / "main" / "model.safetensors"
@@ -270,6 +274,7 @@ def test_timm_weights_placed_where_the_sentence_says_start_the_run_offline(digit
         torch.testing.assert_close(model.forward_features(x), plain.forward_features(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_the_cluster_launcher_checks_the_source_and_hands_every_node_an_absolute_path(
         digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.launch import check_train_args

@@ -62,6 +62,7 @@ def two_local_nodes(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return work
 
 
+@pytest.mark.slow
 def test_two_local_nodes_train_one_run_with_identical_replicas(two_local_nodes: Path) -> None:
     out = two_local_nodes / "run"
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -82,6 +83,7 @@ def test_two_local_nodes_train_one_run_with_identical_replicas(two_local_nodes: 
         assert f"nnodes=2, num_local_procs=1, node_rank={k}" in text  # DeepSpeed's launcher, one rank per node
 
 
+@pytest.mark.slow
 def test_killing_one_node_stops_the_job_and_resume_finishes_it(two_local_nodes: Path, digits: Path,
                                                                tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -109,6 +111,7 @@ def test_killing_one_node_stops_the_job_and_resume_finishes_it(two_local_nodes: 
     assert _same_weights(out, two_local_nodes / "run")  # bit-identical to the uninterrupted job
 
 
+@pytest.mark.slow
 def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(digits: Path, tmp_path: Path) -> None:
     """Check 2: munged, slurmctld and two `slurmd -N` on this host; `make train-cluster LAUNCHER=slurm` waits."""
     out = tmp_path / "run"
@@ -134,6 +137,7 @@ def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(digits: Path, tm
     assert (out / "weights.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_slurm_usr1_checkpoints_requeues_the_job_and_it_resumes(digits: Path, tmp_path: Path) -> None:
     """`sbatch --signal=USR1@120` before the time limit: both ranks stop at the same step with a checkpoint,
     rank 0 requeues the job, and the restarted batch script resumes it to the end."""
@@ -190,6 +194,7 @@ print(iface, total.item())
 """
 
 
+@pytest.mark.slow
 def test_two_hosts_in_network_namespaces_find_the_interface_gloo_needs(tmp_path: Path) -> None:
     """Two "hosts" whose host name resolves to 127.0.0.1 (as here), so gloo would bind loopback and the
     other host's connections would be refused. Each picks the veth that reaches MASTER_ADDR instead;
@@ -270,6 +275,7 @@ def test_master_address_of_another_host_fails_at_once(digits: Path, tmp_path: Pa
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.slow
 def test_unreachable_master_address_fails_within_the_rendezvous_timeout(digits: Path, tmp_path: Path) -> None:
     """Rank 1 of 2 whose master never answers: an error after --rendezvous-timeout, not a hang."""
     env = train_env(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))

@@ -103,6 +103,7 @@ def deepspeed_world():
             os.environ[k] = v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_deepspeed_step_keeps_both_passes_gradients_and_reduces_once(deepspeed_world, stage: int) -> None:
     """docs/design.md, "The step": without boundary control ZeRO-2 would keep only the base-net pass's gradients."""

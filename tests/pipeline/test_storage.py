@@ -55,6 +55,7 @@ def test_http_and_pipe_stream_the_same_samples_as_the_directory(digits: Path) ->
                 assert torch.equal(got_pixels, pixels)
 
 
+@pytest.mark.slow
 def test_shards_uploaded_with_the_aws_cli_stream_from_an_s3_server(digits: Path, monkeypatch) -> None:
     """The README's upload commands against moto's S3 server, then s3:// reads what the directory holds."""
     local = {split: _keys_and_pixels(digits, split) for split in ("val", "train")}
@@ -74,6 +75,7 @@ def test_shards_uploaded_with_the_aws_cli_stream_from_an_s3_server(digits: Path,
             make_loader("s3://adn-shards/other", "val", 32, "resnet_mini")
 
 
+@pytest.mark.slow
 def test_training_from_http_shards_ends_with_the_same_weights(digits: Path, tmp_path: Path) -> None:
     """Check 3: `python -m http.server --bind 127.0.0.1` serving the shards, against the same seeded local run."""
     require("curl")
@@ -82,7 +84,7 @@ def test_training_from_http_shards_ends_with_the_same_weights(digits: Path, tmp_
         for name, data in (("local", str(digits)), ("http", url)):
             runs[name] = tmp_path / name
             done = subprocess.run([sys.executable, "-m", "pipeline.train", *STEPS, "--data", data, "--output",
-                                   str(runs[name])], env=train_env(), capture_output=True, text=True, timeout=300)
+                                   str(runs[name])], env=train_env(), capture_output=True, text=True, timeout=900)
             assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(runs["local"] / "weights.safetensors"), load_file(runs["http"] / "weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -111,6 +113,7 @@ def test_verify_streams_every_shard_and_names_the_ones_that_differ(digits: Path,
         "sha256"][:12] + "....")
 
 
+@pytest.mark.slow
 def test_a_shard_that_answers_404_is_one_error_naming_it(digits: Path, tmp_path: Path) -> None:
     require("curl")
     served = tmp_path / "served"
@@ -118,7 +121,7 @@ def test_a_shard_that_answers_404_is_one_error_naming_it(digits: Path, tmp_path:
     (served / "val-000000.tar").unlink()  # listed in val.json, gone from the server
     with http_server(served) as url:
         done = subprocess.run([sys.executable, "-m", "pipeline.train", *STEPS, "--data", url, "--output",
-                               str(tmp_path / "run")], env=train_env(), capture_output=True, text=True, timeout=300)
+                               str(tmp_path / "run")], env=train_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]

@@ -69,6 +69,7 @@ print(json.dumps(result.workers[0]))
 """
 
 
+@pytest.mark.slow
 def test_memory_of_a_pass_does_not_grow_with_the_split(tmp_path: Path) -> None:
     """Check 2 of the search issue: the peak memory of a pass over 4x the samples is that of 1x, within 10 %.
 

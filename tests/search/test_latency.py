@@ -41,6 +41,7 @@ def _profile(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_table_measured_here_passes_its_own_checks_or_says_the_machine_is_busy() -> None:
     """The real measurement, checked as users get it: within 5 % of whole-network timings of all 16 masks, or
     refused as a busy machine (then this test says so and skips: the figure is benchmarks/latency_tables.py's).
@@ -78,6 +79,7 @@ def test_predict_adds_the_parts_a_mask_runs() -> None:
         predict(table, "TTT")
 
 
+@pytest.mark.slow
 def test_measured_table_has_metadata_and_covers_every_part() -> None:
     table = measure_table("resnet_mini", "cpu", batch_size=2, rounds=3)
     assert table["method"] == "measured" and table["batch_size"] == 2 and table["resolution"] == 32
@@ -208,6 +210,7 @@ def test_spread_rounds_mark_a_busy_machine() -> None:
     assert round_spread(steady) < 0.05 < MAX_SPREAD < round_spread(shared)
 
 
+@pytest.mark.slow
 def test_two_searches_measuring_at_once_share_one_checked_table(user_luts: Path, measured_tables: Path) -> None:
     """Two ``--target cpu`` measurements at once timed each other's load and cached negative latencies; now the
     second waits for the first's table and reuses it (each measurement takes 3 s here, so they overlap)."""

@@ -28,6 +28,8 @@ from search.tables import load_table, predict
 from ..daemons import stop
 from ..luts import seed
 
+pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,7 +50,7 @@ def _env(work: Path) -> dict[str, str]:
     return env
 
 
-def _run(work: Path, module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run(work: Path, module: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=work, env=_env(work), capture_output=True,
                           text=True, timeout=timeout)
 
@@ -320,7 +322,7 @@ def test_one_search_per_out_and_a_killed_search_is_marked_killed(trained: Path, 
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         client, runs = MlflowClient(uri), []
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while not runs and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
             with contextlib.suppress(Exception):  # the store is created by the search

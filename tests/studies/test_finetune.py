@@ -4,27 +4,24 @@ images are counted, the table, figure and MLflow runs exist, and a rerun reuses 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from studies.finetune import budget_epochs
 
-from ..pipeline.conftest import train_env
+from .conftest import run_study
 
+pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
 
-def _study(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "studies.finetune", *args], cwd=cwd, env=train_env(),
-                          capture_output=True, text=True, timeout=timeout)
+FLAGS = ["--seeds", "5", "--epochs", "2", "--budgets", "0", "0.5", "--lrs", "0.01"]
 
 
 @pytest.fixture(scope="module")
 def study(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("finetune")
-    done = _study("--data", str(digits), "--seeds", "5", "--epochs", "2", "--budgets", "0", "0.5", "--lrs", "0.01",
-                  "--out", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", cwd=work)
+    done = run_study("finetune", *FLAGS, "--data", str(digits), "--out", str(work / "out"),
+                     "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     return work
 
@@ -72,8 +69,8 @@ def test_figure_and_mlflow_parent_with_one_child_per_training(study: Path) -> No
 
 
 def test_a_rerun_reuses_every_training(study: Path, digits: Path) -> None:
-    done = _study("--data", str(digits), "--seeds", "5", "--epochs", "2", "--budgets", "0", "0.5", "--lrs", "0.01",
-                  "--out", str(study / "out"), "--no-tracking", cwd=study, timeout=120)
+    done = run_study("finetune", *FLAGS, "--data", str(digits), "--out", str(study / "out"), "--no-tracking",
+                     cwd=study, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     reused = json.loads((study / "out" / "finetune.json").read_text())["timing"]["reused_from_an_earlier_invocation"]
     assert len(reused) == 4

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +13,19 @@ from torch import nn
 from adn import SkippableSequential, create_model
 from studies.paper import MODES, naive_skipping
 
-from ..pipeline.conftest import train_env
+from .conftest import run_study
+
+pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
 
 MASKS = 16  # resnet_mini: 4 stages
-
-
-def _study(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "studies.paper", *args], cwd=cwd, env=train_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def study(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("study")
-    done = _study("--data", str(digits), "--seeds", "7", "--epochs", "1", "--jobs", "2", "--calibrate-norms", "64",
-                  "--out", str(work / "out"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", cwd=work)
+    done = run_study("paper", "--data", str(digits), "--seeds", "7", "--epochs", "1", "--jobs", "2",
+                     "--calibrate-norms", "64", "--out", str(work / "out"), "--tracking-uri",
+                     f"sqlite:///{work / 'mlflow.db'}", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     return work
 
@@ -92,8 +88,8 @@ def test_mlflow_parent_run_with_one_child_per_training(study: Path) -> None:
 
 
 def test_rerun_with_other_settings_is_one_sentence(study: Path, digits: Path) -> None:
-    done = _study("--data", str(digits), "--seeds", "7", "--epochs", "2", "--out", str(study / "out"),
-                  "--no-tracking", cwd=study, timeout=120)
+    done = run_study("paper", "--data", str(digits), "--seeds", "7", "--epochs", "2", "--out", str(study / "out"),
+                     "--no-tracking", cwd=study, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "other settings (epochs)" in done.stderr
 
