@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,7 @@ class Trainer:
             self.model, notes = build_from(init, cfg.model, len(self.classes), **cfg.model_kwargs)
             if self.rank == 0:
                 log.info("initialised from %s%s", init.describe(), "".join(f"; {n}" for n in notes))
-        adn = cfg.adn
-        self.loss = DistillationConfig(alpha=adn.alpha, temperature=adn.temperature, kd_topk=adn.kd_topk,
-                                       feature_kd=adn.feature_kd,
-                                       label_smoothing=cfg.data.get("label_smoothing", 0.0))
+        self.loss = DistillationConfig(**asdict(cfg.adn), label_smoothing=cfg.data.get("label_smoothing", 0.0))
         self.step_fn = TrainStep(self.model, cfg.mode, self.loss)
         self.eval_masks = (self.model.masks() if cfg.eval_all_masks else self.step_fn.train_masks)
 
