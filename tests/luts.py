@@ -92,10 +92,11 @@ def seed(path: Path, env: dict[str, str], entries: Sequence[tuple[str, int]]) ->
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-if __name__ == "__main__":  # python -m tests.luts TABLES DELAY MODULE ARGS...: run MODULE with the tables injected
-    import runpy
+if __name__ == "__main__":  # python -m tests.luts TABLES DELAY MODULE ARGS...: MODULE's main() with the tables injected
+    import importlib
 
     install(Path(sys.argv[1]), float(sys.argv[2]))
     module = sys.argv[3]
     sys.argv = [module, *sys.argv[4:]]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    # main() of the imported module, not a fresh run of its source: that would define measure_table anew.
+    sys.exit(importlib.import_module(module).main())
