@@ -12,7 +12,7 @@ from adn.checkpoint import save_weights
 from adn.registry import create_model
 from pipeline.data import read_manifest
 
-from ..pipeline.conftest import ROOT
+from ..conftest import ROOT
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 import ray
 import yaml
 
-from ..pipeline.conftest import ROOT
+from ..conftest import ROOT
 
 RAY = ROOT / "cluster" / "ray"
 

@@ -26,7 +26,7 @@ import pytest
 from cluster.state import group_members, read_record
 
 from ..daemons import free_port, require, stop, wait_for
-from ..pipeline.conftest import ROOT, train_env
+from ..conftest import ROOT, train_env
 
 pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
 

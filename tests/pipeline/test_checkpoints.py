@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from pipeline.checkpoint import MARKER, CheckpointError, find_checkpoint, mark_complete, safe_load
 
-from .conftest import FAST as REFERENCE
-from .conftest import train_env
+from ..conftest import FAST as REFERENCE
+from ..conftest import train_env
 
 FAST = [*REFERENCE, "--no-tracking"]
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from pipeline.launch import _replace_option, node_command, read_hostfile
 
 from ..daemons import free_port, require, slurm_cluster, stop, wait_for
-from .conftest import ROOT, train_env
+from ..conftest import ROOT, train_env
 
 MAKE = shutil.which("make") or "make"
 # 6 steps of batch 16 per rank, one epoch's validation at the end: about 30 s for two nodes on 2 cores.

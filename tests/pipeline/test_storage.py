@@ -20,7 +20,7 @@ from pipeline.data import DataError, make_loader
 from pipeline.data.storage import Location, ShardReadError, parse_location, shard_samples
 
 from ..daemons import http_server, require, s3_server
-from .conftest import train_env
+from ..conftest import train_env
 
 STEPS = ["--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "1",
          "--no-tracking"]

@@ -25,7 +25,7 @@ from pipeline.data.sources import digits_samples
 from pipeline.evaluate import evaluate
 
 from ..daemons import free_port, stop, wait_for
-from .conftest import FAST, train_env
+from ..conftest import FAST, train_env
 
 
 def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,

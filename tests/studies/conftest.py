@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..pipeline.conftest import train_env
+from ..conftest import train_env
 
 
 def run_study(module: str, *args: str, cwd: Path, timeout: int = 1800) -> subprocess.CompletedProcess:
