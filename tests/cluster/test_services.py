@@ -25,8 +25,8 @@ import pytest
 
 from cluster.state import group_members, read_record
 
-from ..daemons import free_port, require, stop, wait_for
 from ..conftest import ROOT, train_env
+from ..daemons import free_port, require, stop, wait_for
 
 pytestmark = pytest.mark.slow  # trainings, searches or daemons in every test
 

@@ -27,8 +27,8 @@ from pipeline.config import parse_args, resolve_config
 from pipeline.init_from import InitError, build, resolve
 
 from ..adn.families import randomize_norms
-from ..daemons import free_port
 from ..conftest import ROOT, train_env
+from ..daemons import free_port
 
 FAST = ["--workers", "1", "--batch-size", "32", "--log-every", "5"]
 DIGITS = [str(i) for i in range(10)]

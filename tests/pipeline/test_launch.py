@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from pipeline.launch import _replace_option, node_command, read_hostfile
 
-from ..daemons import free_port, require, slurm_cluster, stop, wait_for
 from ..conftest import ROOT, train_env
+from ..daemons import free_port, require, slurm_cluster, stop, wait_for
 
 MAKE = shutil.which("make") or "make"
 # 6 steps of batch 16 per rank, one epoch's validation at the end: about 30 s for two nodes on 2 cores.

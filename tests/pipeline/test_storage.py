@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from pipeline.data import DataError, make_loader
 from pipeline.data.storage import Location, ShardReadError, parse_location, shard_samples
 
-from ..daemons import http_server, require, s3_server
 from ..conftest import train_env
+from ..daemons import http_server, require, s3_server
 
 STEPS = ["--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "1",
          "--no-tracking"]

@@ -24,8 +24,8 @@ from pipeline.data.shard import write_shards
 from pipeline.data.sources import digits_samples
 from pipeline.evaluate import evaluate
 
-from ..daemons import free_port, stop, wait_for
 from ..conftest import FAST, train_env
+from ..daemons import free_port, stop, wait_for
 
 
 def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,
