@@ -24,10 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-TEST_WORKERS ?= 2
-
-test: install  ## run the whole test suite in TEST_WORKERS pytest-xdist workers (CPU only, daemons included; prints the 15 slowest tests)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+test: install  ## run the whole test suite (CPU only, daemons included; prints the 15 slowest tests)
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install  ## the inner loop: every test not marked slow (no training, search or daemon; under 5 minutes)
 	$(PY) -m pytest -q -m "not slow" --durations=10

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from pipeline.data.shard import main as shard_main
 
@@ -31,30 +28,12 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
-    """A directory ``make`` fills once per test run: in this session's temporary directory, or under pytest-xdist
-    in the run's directory that every worker shares, the first worker making it while the others wait."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        out = factory.mktemp(name)
-        make(out)
-        return out
-    out = factory.getbasetemp().parent / name
-    with FileLock(str(out) + ".lock"):
-        if not (out / ".made").is_file():
-            shutil.rmtree(out, ignore_errors=True)  # what a failed attempt of another worker left
-            out.mkdir()
-            make(out)
-            (out / ".made").touch()
-    return out
-
-
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded digits as shards of 400 (4 train shards, 1 val shard)."""
-    def make(out: Path) -> None:
-        assert shard_main(["digits", "--out", str(out), "--shard-size", "400"]) == 0
-
-    return once(tmp_path_factory, "digits", make)
+    out = tmp_path_factory.mktemp("digits")
+    assert shard_main(["digits", "--out", str(out), "--shard-size", "400"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -62,21 +41,19 @@ def measured_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """resnet_mini's and resnet_mini_deep's CPU latency tables, timed once per test run (``tests.luts``)."""
     from .luts import measure
 
-    def make(out: Path) -> None:
-        (out / "tables.json").write_text(json.dumps(measure(["resnet_mini", "resnet_mini_deep"])))
-
-    return once(tmp_path_factory, "luts", make) / "tables.json"
+    path = tmp_path_factory.mktemp("luts") / "tables.json"
+    path.write_text(json.dumps(measure(["resnet_mini", "resnet_mini_deep"])))
+    return path
 
 
 @pytest.fixture(scope="session")
 def reference_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The FAST run uninterrupted, tracked in a SQLite MLflow store, checkpointing every 10 steps (once per test
     run: its weights are what every interrupted and resumed FAST run must end with)."""
-    def make(work: Path) -> None:
-        done = subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output",
-                               str(work / "run"), "--save-every-steps", "10", "--tracking-uri",
-                               f"sqlite:///{work / 'mlflow.db'}"], cwd=work, env=train_env(), capture_output=True,
-                              text=True, timeout=1200)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    return once(tmp_path_factory, "reference", make)
+    work = tmp_path_factory.mktemp("reference")
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output",
+                           str(work / "run"), "--save-every-steps", "10", "--tracking-uri",
+                           f"sqlite:///{work / 'mlflow.db'}"], cwd=work, env=train_env(), capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
