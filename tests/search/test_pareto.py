@@ -272,7 +272,12 @@ def test_runtime_helper_picks_the_best_mask_within_a_budget(cpu_search: dict, wo
     (["--target", "a100", "--max-latency-ms", "-1"], "--max-latency-ms must be above 0, got -1"),
     (["--target", "a100", "--checkpoint", "MISFIT"], "do not fit that model: 1 tensors missing (first fc.bias)"),
 ])
-def test_bad_input_fails_before_ray_starts(args: list[str], message: str, trained: Path, work: Path) -> None:
+def test_bad_input_fails_before_ray_starts(args: list[str], message: str, trained: Path, work: Path, monkeypatch,
+                                          capsys) -> None:
+    """The command's own main(), in this process (what is checked is its answer, not its start-up): exit 2 and one
+    sentence, and Ray never initialised here."""
+    from search.pareto import main
+
     wrong = work / "wrong"
     if not wrong.exists():  # 10 classes named differently: the checkpoint's classes are "0".."9"
         (wrong).mkdir()
@@ -290,10 +295,18 @@ def test_bad_input_fails_before_ray_starts(args: list[str], message: str, traine
     data_dir = {"WRONG": str(wrong), "NOVAL": str(work / "empty"), "MISFIT": str(misfit)}
     argv = ["--checkpoint", str(trained), "--no-tracking", "--data", str(work / "digits"), *args]
     argv = [data_dir.get(a, a) for a in argv]
-    done = _run(work, "search.pareto", *argv, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert message in done.stderr.strip().splitlines()[-1] and "Ray" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr  # one sentence (and at most one note)
+    monkeypatch.setenv("ADN_LUT_DIR", str(work / "luts"))
+    monkeypatch.chdir(work)
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM an interruption, as a command does
+    try:
+        code = main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert message in err.strip().splitlines()[-1] and "Ray" not in err
+    assert len(err.strip().splitlines()) <= 2, err  # one sentence (and at most one note)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def test_argument_checks_come_before_the_table_is_measured(trained: Path, work: Path) -> None:
