@@ -16,8 +16,9 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from .checkpoint import DiskFull
+from .checkpoint import CHECKPOINTS, DiskFull
 from .config import parse_args, preflight, resolve_config
 from .data import DataError
 from .distributed import ClusterError, teardown
@@ -55,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         if init is not None and rank == 0:
             for note in init.notes:
                 log.warning("%s", note)
-        from .trainer import Trainer
-
         # One writer per output: global rank 0 holds its lock for the whole run (the other ranks write
-        # only their own replica logs into it).
+        # only their own replica logs into it). Both refusals come before torch and DeepSpeed load.
         with output_lock(config.output, "the training output") if rank == 0 else contextlib.nullcontext():
+            if config.resume is None and (Path(config.output) / CHECKPOINTS / "latest").exists():
+                raise ValueError(f"{config.output!r} already holds a checkpoint; pass --resume to continue it "
+                                 "or choose another --output.")
+            from .trainer import Trainer
+
             Trainer(config, init).run()
     except Preempted as stop:
         if rank == 0:

@@ -254,9 +254,6 @@ class Trainer:
             client = self.resume(Path(cfg.resume or self.output))
             self.history = {k: {m: Accuracy(**a) for m, a in v.items()} for k, v in client.get("history", {}).items()}
             self.epoch_log = list(client.get("epoch_log", []))
-        elif (self.ckpt_dir / "latest").exists():
-            raise ValueError(f"{str(self.output)!r} already holds a checkpoint; pass --resume to continue it "
-                             "or choose another --output.")
         if rank0:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.yaml").write_text(yaml.safe_dump(self.record, sort_keys=False))

@@ -57,3 +57,15 @@ def reference_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return work
+
+
+@pytest.fixture(scope="session")
+def first_epoch(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FAST run stopped at the end of its first epoch (``--max-steps 39``), checkpointing every 10 steps: the
+    checkpoints step000000030 and step000000039 (the epoch end) are kept. Tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("first-epoch") / "run"
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, "--data", str(digits), "--output", str(out),
+                           "--save-every-steps", "10", "--max-steps", "39", "--no-tracking"], cwd=out.parent,
+                          env=train_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

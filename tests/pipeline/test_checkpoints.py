@@ -67,31 +67,21 @@ def test_checkpoints_from_before_the_marker_resume_from_latest(tmp_path: Path) -
     assert find_checkpoint(tmp_path).tag == "step000000010"
 
 
-@pytest.fixture(scope="module")
-def partial_run(digits: Path, tmp_path_factory) -> Path:
-    """20 of the 78 steps of the FAST run, checkpointed at steps 10 and 20."""
-    work = tmp_path_factory.mktemp("partial")
-    done = _train(*FAST, "--data", str(digits), "--output", str(work / "run"), "--save-every-steps", "10",
-                  "--max-steps", "20", cwd=work)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return work / "run"
-
-
 @pytest.mark.slow
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(partial_run: Path, reference_run: Path,
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(first_epoch: Path, reference_run: Path,
                                                                   digits: Path, tmp_path: Path) -> None:
     """A truncated file in the newest checkpoint and an empty ``latest`` were a DeepSpeed traceback; now the
     run resumes from the one before, says so, and ends with the weights of a run never interrupted."""
     out = tmp_path / "run"
-    shutil.copytree(partial_run, out)
+    shutil.copytree(first_epoch, out)
     ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step*")) == ["step000000010", "step000000020"]
-    with open(ckpts / "step000000020" / MODEL_FILE, "r+b") as f:
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step000000030", "step000000039"]
+    with open(ckpts / "step000000039" / MODEL_FILE, "r+b") as f:
         f.truncate(1000)
     (ckpts / "latest").write_text("")
     resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (f"resuming from {ckpts / 'step000000010'}; skipped the newer step000000020 ({MODEL_FILE} is 1000 "
+    assert (f"resuming from {ckpts / 'step000000030'}; skipped the newer step000000039 ({MODEL_FILE} is 1000 "
             "bytes, ") in resumed.stderr
     expected = load_file(reference_run / "run" / "weights.safetensors")  # the run never interrupted
     got = load_file(out / "weights.safetensors")
@@ -109,15 +99,15 @@ class _Payload:
 
 
 @pytest.mark.slow
-def test_a_crafted_checkpoint_is_refused_and_runs_nothing(partial_run: Path, digits: Path, tmp_path: Path) -> None:
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(first_epoch: Path, digits: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    shutil.copytree(partial_run, out)
-    tag = out / "checkpoints" / "step000000020"
+    shutil.copytree(first_epoch, out)
+    tag = out / "checkpoints" / "step000000039"
     state = safe_load(str(tag / MODEL_FILE))
     marker = tmp_path / "pwned"
     state["client_note"] = _Payload(marker)
     torch.save(state, tag / MODEL_FILE)
-    mark_complete(out / "checkpoints", tag.name, 20)  # the marker cannot tell: it is rewritten to match
+    mark_complete(out / "checkpoints", tag.name, 39)  # the marker cannot tell: it is rewritten to match
     done = _train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (

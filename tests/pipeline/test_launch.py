@@ -191,6 +191,8 @@ rendezvous("gloo", rank, 2, master, port, timeout_s=60)
 total = torch.tensor([rank + 1.0])
 torch.distributed.all_reduce(total)
 print(iface, total.item())
+torch.distributed.barrier()  # then leave as every rank does (pipeline.distributed.teardown): no abort at exit
+torch.distributed.destroy_process_group()
 """
 
 
