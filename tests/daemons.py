@@ -99,7 +99,7 @@ ClusterName=adntest
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket},cred_expire=20
+AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,15 +112,23 @@ def test_killing_one_node_stops_the_job_and_resume_finishes_it(two_local_nodes: 
     assert _same_weights(out, two_local_nodes / "run")  # bit-identical to the uninterrupted job
 
 
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One SLURM cluster for this module's jobs (munged, slurmctld, two slurmd): the environment that reaches it."""
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as env:
+        yield env
+
+
 @pytest.mark.slow
-def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(digits: Path, tmp_path: Path) -> None:
+def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(slurm: dict[str, str], digits: Path,
+                                                                tmp_path: Path) -> None:
     """Check 2: munged, slurmctld and two `slurmd -N` on this host; `make train-cluster LAUNCHER=slurm` waits."""
     out = tmp_path / "run"
-    with slurm_cluster(tmp_path / "slurm") as env:
-        done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", "WAIT=1", f"DATA={digits}",
-                     _args(*STEPS, "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                     env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=400)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    env = slurm
+    done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", "WAIT=1", f"DATA={digits}",
+                 _args(*STEPS, "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                 env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     job_id = re.search(r"SLURM job (\d+):", done.stdout).group(1)
     assert f"SLURM job {job_id} finished" in done.stdout and "MLflow run" in done.stdout
     logs = out / "logs"
@@ -138,32 +147,33 @@ def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(digits: Path, tm
 
 
 @pytest.mark.slow
-def test_slurm_usr1_checkpoints_requeues_the_job_and_it_resumes(digits: Path, tmp_path: Path) -> None:
+def test_slurm_usr1_checkpoints_requeues_the_job_and_it_resumes(slurm: dict[str, str], digits: Path,
+                                                                tmp_path: Path) -> None:
     """`sbatch --signal=USR1@120` before the time limit: both ranks stop at the same step with a checkpoint,
     rank 0 requeues the job, and the restarted batch script resumes it to the end."""
     out = tmp_path / "run"
     steps = ["--epochs", "1", "--batch-size", "16", "--workers", "1"]  # 39 steps
-    with slurm_cluster(tmp_path / "slurm") as env:
-        done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", f"DATA={digits}",
-                     _args(*steps, "--output", str(out), "--no-tracking"),
-                     env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=120)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        job_id = re.search(r"SLURM job (\d+):", done.stdout).group(1)
+    env = slurm
+    done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", f"DATA={digits}",
+                 _args(*steps, "--output", str(out), "--no-tracking"),
+                 env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job_id = re.search(r"SLURM job (\d+):", done.stdout).group(1)
 
-        def job() -> dict[str, str]:
-            text = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
-                                  text=True).stdout
-            return dict(item.split("=", 1) for item in text.split() if "=" in item)
+    def job() -> dict[str, str]:
+        text = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
+                              text=True).stdout
+        return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
-        wait_for(lambda: (out / "config.yaml").is_file() or job().get("JobState") in ("FAILED", "COMPLETED"), 240,
-                 "the training to start")
-        time.sleep(3)  # a few of the 39 steps
-        subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
-        # A requeued job starts again after the credential lifetime (cred_expire, 20 s in this cluster's
-        # slurm.conf; 120 s by default): its old credential must have expired first.
-        wait_for(lambda: job().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
-                 "the requeued job to finish", interval=1.0)
-        state = job()
+    wait_for(lambda: (out / "config.yaml").is_file() or job().get("JobState") in ("FAILED", "COMPLETED"), 240,
+             "the training to start")
+    time.sleep(3)  # a few of the 39 steps
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True, timeout=30)
+    # A requeued job starts again after the credential lifetime (cred_expire, 10 s in this cluster's
+    # slurm.conf; 120 s by default): its old credential must have expired first.
+    wait_for(lambda: job().get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+             "the requeued job to finish", interval=1.0)
+    state = job()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
     logs = out / "logs"
     node0 = (logs / f"slurm-{job_id}-node0.log").read_text()
