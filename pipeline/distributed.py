@@ -209,6 +209,9 @@ def setup_distributed(use_cuda: bool = False, rendezvous_timeout_s: float = REND
             log.info("GLOO_SOCKET_IFNAME=%s (the interface that reaches MASTER_ADDR)", iface)
         rendezvous(backend, rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                    rendezvous_timeout_s)
+    # DeepSpeed's CPU shared-memory op serves only inference_all_reduce (training reduces through
+    # torch.distributed), yet its backend JIT-compiles it with g++ when first created: not wanted here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return (torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
