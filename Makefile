@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install  ## run the whole test suite (CPU only, daemons included; prints the 15 slowest tests)
-	$(PY) -m pytest -q --durations=15
+TEST_WORKERS ?= 2
+
+test: install  ## run the whole test suite in TEST_WORKERS pytest-xdist workers, one test file each at a time (CPU only, daemons included; prints the 15 slowest tests)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install  ## the inner loop: every test not marked slow (no training, search or daemon; under 5 minutes)
 	$(PY) -m pytest -q -m "not slow" --durations=10
