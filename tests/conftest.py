@@ -1,6 +1,6 @@
 """Fixtures every test package shares: the digits shards, the environment a launched training gets, the
 uninterrupted reference run that every resume test compares its weights with (and the search tests search), and
-the test run's latency tables."""
+the test run's latency tables; each made once per run, also across pytest-xdist workers (``once``)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def pytest_configure() -> None:
     """Under pytest-xdist, each worker's share of the cores: torch in the worker and the commands it starts use
     that many threads, so that two workers do not run four spinning OpenMP threads on two cores."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
