@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 0
 
-test: install  ## run the whole test suite in TEST_WORKERS pytest-xdist workers, one test file each at a time (CPU only, daemons included; prints the 15 slowest tests)
+test: install  ## run the whole test suite (TEST_WORKERS=2: in two pytest-xdist workers, one test file each at a time; 0, the default: one process) (CPU only, daemons included; prints the 15 slowest tests)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install  ## the inner loop: every test not marked slow (no training, search or daemon; under 5 minutes)
