@@ -31,6 +31,7 @@ from pipeline.tracking import Tracker, TrackingError, check_reachable, resolve_t
 
 from .front import Candidate, best_within, pareto_front
 from .latency import table_for
+from .ray_client import leave
 from .tables import TableError, check_table_for, predict
 
 
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"interrupted ({err or 'Ctrl-C'}); the MLflow runs of this search are marked KILLED.", file=sys.stderr)
-        return 130
+        reason = f" ({err})" if str(err) else ""
+        print(f"interrupted{reason}; the MLflow runs of this search are marked KILLED.", file=sys.stderr)
+        leave(130)
     if args.json:
         print(json.dumps({k: report[k] for k in ("front", "candidates", "best_within_budget")}, indent=1))
     return 0
