@@ -9,8 +9,6 @@ Only ``EvalWorker`` itself loads torch: a Tune trial that calls ``run_pass`` sta
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,14 +17,15 @@ from typing import Any
 from .counts import PassResult
 
 
-def local_weights(blob: bytes) -> Path:
-    """The weights the driver shipped through Ray's object store, as a file on this node (once per content)."""
-    path = Path(tempfile.gettempdir()) / f"adn-weights-{hashlib.sha256(blob).hexdigest()[:16]}.safetensors"
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(blob)
-        tmp.replace(path)
-    return path
+def load_shipped(blob: bytes, device: str) -> tuple[Any, dict[str, Any]]:
+    """The model from the weights the driver shipped through Ray's object store; the file it passes through
+    on this node is removed once loaded."""
+    from adn.checkpoint import load_trained
+
+    with tempfile.TemporaryDirectory(prefix="adn-weights-") as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        path.write_bytes(blob)
+        return load_trained(path, map_location=device)
 
 
 class EvalWorker:
@@ -37,12 +36,10 @@ class EvalWorker:
                  calibrate_images: int | None = None) -> None:
         import torch
 
-        from adn.checkpoint import load_trained
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu" and threads:
             torch.set_num_threads(threads)
-        self.model, meta = load_trained(local_weights(weights), map_location=self.device)
+        self.model, meta = load_shipped(weights, self.device)
         self.recipe = meta["recipe"]
         self.data, self.batch_size, self.rank, self.world_size = data, batch_size, rank, world_size
         self.max_samples, self.loader_workers = max_samples, loader_workers
