@@ -37,9 +37,13 @@ class BatchingSearcher(Searcher):
     """A Tune ``Searcher`` whose trials each carry ``{"masks": [...]}``: up to ``batch`` masks Optuna proposed.
 
     ``budget`` counts distinct masks; ``latency`` gives each mask's second objective. Proposals
-    that are already known are answered from memory; after ``10 x batch`` of them in a row with
-    nothing new, the search is over (the sampler has converged or the space is exhausted).
+    that are already known are answered from memory; after ``PATIENCE x batch`` of them in a row
+    with nothing new, the search is over (the sampler has converged or the space is exhausted).
     """
+
+    #: Batches' worth of known proposals before giving up: answering one costs no pass, and with 10,
+    #: NSGA-II over 7 bits with a 30 % budget stopped short of it in 11 of 150 seeds (0 of 150 with 25).
+    PATIENCE = 25
 
     def __init__(self, inner: Searcher, num_bits: int, batch: int, budget: int,
                  latency: Callable[[str], float]) -> None:
@@ -77,7 +81,7 @@ class BatchingSearcher(Searcher):
         picked: list[tuple[str, str]] = []
         masks: set[str] = set()
         repeats: list[tuple[str, str]] = []
-        for ask in range(10 * self.batch):  # a generation, however few masks the budget has left
+        for ask in range(self.PATIENCE * self.batch):  # a generation, however few masks the budget has left
             if len(masks) == size:
                 break
             sub = f"{trial_id}-{ask}"
