@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-TEST_WORKERS ?= 0
+TEST_WORKERS ?= 2
 
-test: install  ## run the whole test suite (TEST_WORKERS=2: in two pytest-xdist workers, one test file each at a time; 0, the default: one process) (CPU only, daemons included; prints the 15 slowest tests)
+test: install  ## run the whole test suite in TEST_WORKERS pytest-xdist workers (default 2; one test file each at a time; 0: one process) (CPU only, daemons included; prints the 15 slowest tests)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install  ## the inner loop: every test not marked slow (no training, search or daemon; under 5 minutes)
@@ -57,6 +57,7 @@ train: install  ## train MODEL on the shards in DATA (one process; see pipeline.
 CLUSTER_FLAGS = $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(NODES),--nodes $(NODES)) \
 	$(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(ACCELERATOR),--accelerator $(ACCELERATOR)) \
 	$(if $(HOSTFILE),--hostfile $(HOSTFILE)) $(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) \
+	$(if $(MASTER_PORT),--master-port $(MASTER_PORT)) \
 	$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) $(if $(TIME),--time $(TIME)) \
 	$(if $(SBATCH_ARGS),--sbatch-args "$(SBATCH_ARGS)") $(if $(WAIT),--wait)
 

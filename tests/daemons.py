@@ -98,7 +98,6 @@ SLURM_CONF = """\
 ClusterName=adntest
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={ctld_port}
-FirstJobId={first_job}
 AuthType=auth/munge
 AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
@@ -145,9 +144,7 @@ def slurm_cluster(root: Path) -> Iterator[dict[str, str]]:
     key.chmod(0o400)
     conf = root / "slurm.conf"
     ctld_port = free_port()
-    # Job ids of their own: the batch script derives the rendezvous port from the job id (20000 + id % 20000),
-    # and two test clusters on one host (two test runs side by side) must not both start at job 1.
-    conf.write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, first_job=ctld_port, port_n1=free_port(),
+    conf.write_text(SLURM_CONF.format(root=root, ctld_port=ctld_port, port_n1=free_port(),
                                       port_n2=free_port(), munge_socket=munge / "socket", cpus=os.cpu_count() or 1))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     procs: list[subprocess.Popen] = []

@@ -124,10 +124,10 @@ def test_slurm_job_on_two_slurmd_nodes_trains_one_rank_per_node(slurm: dict[str,
                                                                 tmp_path: Path) -> None:
     """Check 2: munged, slurmctld and two `slurmd -N` on this host; `make train-cluster LAUNCHER=slurm` waits."""
     out = tmp_path / "run"
-    env = slurm
     done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", "WAIT=1", f"DATA={digits}",
+                 f"MASTER_PORT={free_port()}",
                  _args(*STEPS, "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"),
-                 env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=400)
+                 env=train_env(SLURM_CONF=slurm["SLURM_CONF"]), timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     job_id = re.search(r"SLURM job (\d+):", done.stdout).group(1)
     assert f"SLURM job {job_id} finished" in done.stdout and "MLflow run" in done.stdout
@@ -154,7 +154,7 @@ def test_slurm_usr1_checkpoints_requeues_the_job_and_it_resumes(slurm: dict[str,
     out = tmp_path / "run"
     steps = ["--epochs", "1", "--batch-size", "16", "--workers", "1"]  # 39 steps
     env = slurm
-    done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", f"DATA={digits}",
+    done = _make("LAUNCHER=slurm", "NODES=2", "ACCELERATOR=cpu", f"DATA={digits}", f"MASTER_PORT={free_port()}",
                  _args(*steps, "--output", str(out), "--no-tracking"),
                  env=train_env(SLURM_CONF=env["SLURM_CONF"]), timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
