@@ -59,12 +59,8 @@ def probe(address: str) -> None:
 
 @contextlib.contextmanager
 def _sigterm_held() -> Iterator[None]:
-    """Hold a SIGTERM that arrives while ``ray.init`` runs, and raise it as ``Terminated`` once init returns.
-
-    Raised inside init (Ray's own handler calls ``sys.exit``), it left a half-made core worker whose
-    teardown at exit aborted the process. Ray installs its handler through ``set_sigterm_handler``,
-    which is held off for the call.
-    """
+    """Hold a SIGTERM that arrives while ``ray.init`` runs and raise it as ``Terminated`` once init returns,
+    so Ray is never left half-started; Ray's own handler (``set_sigterm_handler``) is kept out for the call."""
     import ray._private.utils as ray_utils
 
     held: list[int] = []
@@ -104,11 +100,10 @@ def connect(address: str | None) -> None:
 
 
 def leave(code: int) -> NoReturn:
-    """Shut this process's Ray down and exit with ``code`` at once, skipping the interpreter's teardown.
+    """Shut this process's Ray down and exit with ``code`` at once, without the interpreter's teardown.
 
-    For an interrupted search: once Ray's C++ signal handler has seen a SIGTERM, the garbage collection at
-    interpreter exit can abort the process (SIGABRT, exit -6 instead of ``code``). Everything the search
-    owns is closed by then (its MLflow runs marked, its output lock released).
+    The way out of an interrupted search, whose MLflow runs and output lock are closed by then: once Ray's
+    C++ signal handler has seen a SIGTERM, that teardown can abort the process (SIGABRT) instead.
     """
     if "ray" in sys.modules:
         import ray
