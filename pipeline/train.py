@@ -38,7 +38,7 @@ def requeue() -> str:
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
         return f"SLURM did not requeue job {job} ({err}); submit it again with --resume."
-    if done.returncode:
+    if done.returncode > 0:  # < 0: SLURM, requeueing, stopped this job's processes, scontrol among them
         reason = (done.stderr.strip().splitlines() or ["no reason"])[-1]
         return f"SLURM did not requeue job {job} ({reason}); submit it again with --resume."
     return f"SLURM job {job} requeued: it resumes from that checkpoint."

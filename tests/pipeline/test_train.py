@@ -25,14 +25,8 @@ from pipeline.data.shard import write_shards
 from pipeline.data.sources import digits_samples
 from pipeline.evaluate import evaluate
 
-from ..conftest import FAST, train_env
+from ..conftest import FAST, train, train_env
 from ..daemons import free_port, stop, wait_for
-
-
-def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,
-           ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or train_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -95,7 +89,7 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
     tag = latest.read_text().strip()
     assert tag == "step000000010"  # killed mid-epoch, right after the first step checkpoint
     assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # the dead process's lock stays behind
-    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
+    resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
                      "--no-tracking", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"took over the lock of {str(out)!r} from PID {proc.pid} on " in resumed.stderr
@@ -131,7 +125,7 @@ def test_sigusr1_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_identic
     assert last == (f"stopped by SIGUSR1 at step {step}; checkpoint step{step:09d} is complete; continue with "
                     "--resume.")
     assert 0 < step < 78 and (out / "checkpoints" / "latest").read_text() == f"step{step:09d}"
-    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
+    resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints' / f'step{step:09d}'}" in resumed.stderr
     expected = load_file(reference_run / "run" / "weights.safetensors")
@@ -145,7 +139,7 @@ def test_resume_from_an_epoch_end_checkpoint_ends_with_the_same_weights(referenc
     out = tmp_path / "run"
     shutil.copytree(first_epoch, out)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step000000039"
-    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
+    resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--no-tracking", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = load_file(reference_run / "run" / "weights.safetensors")
     got = load_file(out / "weights.safetensors")
@@ -183,7 +177,7 @@ def test_a_second_training_on_one_output_is_refused(digits: Path, tmp_path: Path
         while not ((out / ".lock").exists() and (out / ".lock").read_text()) and time.monotonic() < deadline:
             assert first.poll() is None, first.stderr.read()[-3000:]
             time.sleep(0.05)
-        second = _train(*FAST, "--data", str(digits), "--output", str(out), "--seed", "1", "--no-tracking",
+        second = train(*FAST, "--data", str(digits), "--output", str(out), "--seed", "1", "--no-tracking",
                         cwd=tmp_path, timeout=120)
         _, err = first.communicate(timeout=900)
     finally:
@@ -211,7 +205,7 @@ def test_unreadable_val_images_are_counted_beside_the_accuracy(digits: Path, tmp
     refs = list(splits["val"])
     refs[5] = dataclasses.replace(refs[5], path="", offset=-1, size=-1, data=b"not an image" * 20)
     write_shards(refs, classes, data, "val", shard_size=400)
-    done = _train("--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--workers",
+    done = train("--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "32", "--workers",
                   "1", "--data", str(data), "--output", str(tmp_path / "run"), "--no-tracking", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 359 of 360 val images (1 unreadable, skipped)" in done.stdout
@@ -221,7 +215,7 @@ def test_unreadable_val_images_are_counted_beside_the_accuracy(digits: Path, tmp
 
 @pytest.mark.slow
 def test_resume_with_other_settings_is_refused(reference_run: Path, digits: Path) -> None:
-    done = _train("--model", "resnet_mini", "--epochs", "2", "--batch-size", "16", "--data", str(digits),
+    done = train("--model", "resnet_mini", "--epochs", "2", "--batch-size", "16", "--data", str(digits),
                   "--output", str(reference_run / "run"), "--no-tracking", "--resume", cwd=reference_run)
     assert done.returncode == 2
     assert "batch_size=32" in done.stderr and "resume with the same settings" in done.stderr
@@ -229,7 +223,7 @@ def test_resume_with_other_settings_is_refused(reference_run: Path, digits: Path
 
 @pytest.mark.slow
 def test_existing_run_needs_resume(reference_run: Path, digits: Path) -> None:
-    done = _train(*FAST, "--data", str(digits), "--output", str(reference_run / "run"), "--no-tracking",
+    done = train(*FAST, "--data", str(digits), "--output", str(reference_run / "run"), "--no-tracking",
                   cwd=reference_run)
     assert done.returncode == 2 and "pass --resume" in done.stderr
 
@@ -241,7 +235,7 @@ def test_existing_run_needs_resume(reference_run: Path, digits: Path) -> None:
 ])
 def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Path, tmp_path: Path) -> None:
     args = [str(digits) if a == "." else a for a in args]
-    done = _train(*args, "--output", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+    done = train(*args, "--output", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -336,3 +330,20 @@ def test_zero1_overlap_comm_is_refused_for_adn() -> None:
     assert deepspeed_config(replace(cfg, mode="vanilla"), "fp32", {"zero_optimization": {"overlap_comm": True}})
     assert deepspeed_config(replace(cfg, zero_stage=2), "fp32", {"zero_optimization": {"overlap_comm": True}})
     assert deepspeed_config(cfg, "fp32")["zero_optimization"] == {"stage": 1}
+
+
+@pytest.mark.parametrize(("script", "said"), [
+    ("kill -TERM $$", "SLURM job 7 requeued: it resumes from that checkpoint."),  # stopped by the requeue itself
+    ("echo 'scontrol: error: Job is not requeueable' >&2; exit 1",
+     "SLURM did not requeue job 7 (scontrol: error: Job is not requeueable); submit it again with --resume."),
+])
+def test_requeue_reads_scontrol_killed_by_its_own_requeue_as_done(script: str, said: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`scontrol requeue` runs inside the job it requeues, so SLURM may stop it before it exits 0."""
+    from pipeline.train import requeue
+
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    assert requeue() == said
