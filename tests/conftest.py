@@ -58,6 +58,18 @@ def train_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_module(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,
+               ) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in ``cwd``, as a user types it: the trainings' environment, output captured."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env or train_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m pipeline.train ARGS`` in ``cwd`` (``run_module``)."""
+    return run_module("pipeline.train", *args, cwd=cwd, env=env, timeout=timeout)
+
+
 def once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
     """A directory ``make`` fills once per test run, shared by the pytest-xdist workers: the first to need it
     makes it under the run's common temporary directory while the others wait on its lock."""
@@ -96,8 +108,7 @@ def measured_tables(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _train_fast(out: Path, *args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "pipeline.train", *FAST, "--output", str(out), *args], cwd=out.parent,
-                          env=train_env(), capture_output=True, text=True, timeout=1200)
+    done = train(*FAST, "--output", str(out), *args, cwd=out.parent, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

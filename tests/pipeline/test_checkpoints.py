@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,10 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import MARKER, CheckpointError, find_checkpoint, mark_complete, safe_load
 
 from ..conftest import FAST as REFERENCE
-from ..conftest import train_env
+from ..conftest import train
 
 FAST = [*REFERENCE, "--no-tracking"]
 MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-def _train(*args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=train_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _fake(directory: Path, *tags: str, marked: bool = True) -> None:
@@ -79,7 +73,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(first_epoch:
     with open(ckpts / "step000000039" / MODEL_FILE, "r+b") as f:
         f.truncate(1000)
     (ckpts / "latest").write_text("")
-    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
+    resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (f"resuming from {ckpts / 'step000000030'}; skipped the newer step000000039 ({MODEL_FILE} is 1000 "
             "bytes, ") in resumed.stderr
@@ -108,7 +102,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(first_epoch: Path, dig
     state["client_note"] = _Payload(marker)
     torch.save(state, tag / MODEL_FILE)
     mark_complete(out / "checkpoints", tag.name, 39)  # the marker cannot tell: it is rewritten to match
-    done = _train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
+    done = train(*FAST, "--data", str(digits), "--output", str(out), "--resume", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: refusing to load {tag / MODEL_FILE}: it holds a reference to posix.system, which a checkpoint of "
@@ -138,7 +132,7 @@ def small_disk(tmp_path: Path):
 def test_a_full_disk_while_saving_removes_the_partial_files_and_keeps_the_last_checkpoint(
         small_disk: Path, digits: Path, tmp_path: Path) -> None:
     out = small_disk / "run"
-    done = _train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10", "--max-steps", "20",
+    done = train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10", "--max-steps", "20",
                   cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
@@ -154,7 +148,7 @@ def test_a_full_disk_while_saving_removes_the_partial_files_and_keeps_the_last_c
     assert shutil.disk_usage(small_disk).free > 3 * 2**20, "the partial files are gone"
     # Space freed (the tmpfs grown): the run resumes from the intact checkpoint and finishes.
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    resumed = _train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
+    resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",
                      "--max-steps", "20", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 20

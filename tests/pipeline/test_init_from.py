@@ -27,17 +27,11 @@ from pipeline.config import parse_args, resolve_config
 from pipeline.init_from import InitError, build, resolve
 
 from ..adn.families import randomize_norms
-from ..conftest import ROOT, train_env
+from ..conftest import ROOT, train, train_env
 from ..daemons import free_port
 
 FAST = ["--workers", "1", "--batch-size", "32", "--log-every", "5"]
 DIGITS = [str(i) for i in range(10)]
-
-
-def _train(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 900,
-           ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env or train_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def plain_resnet_mini(num_classes: int = 10) -> nn.Module:
@@ -55,7 +49,7 @@ def test_a_plain_state_dict_through_the_training_command_computes_what_the_plain
         digits: Path, tmp_path: Path) -> None:
     plain = plain_resnet_mini()
     torch.save(plain.state_dict(), tmp_path / "plain.pth")
-    done = _train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", str(tmp_path / "plain.pth"),
+    done = train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", str(tmp_path / "plain.pth"),
                   "--max-steps", "0", "--output", str(tmp_path / "run"), "--no-tracking", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     model, meta = load_trained(tmp_path / "run")
@@ -145,7 +139,7 @@ def test_the_finetune_recipes_are_the_paper_ones_for_a_quarter_of_the_epochs() -
 def vanilla_run(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A short vanilla training tracked in a SQLite MLflow store: (its working directory, its run id)."""
     work = tmp_path_factory.mktemp("vanilla")
-    done = _train("--model", "resnet_mini", *FAST, "--data", str(digits), "--mode", "vanilla", "--max-steps", "6",
+    done = train("--model", "resnet_mini", *FAST, "--data", str(digits), "--mode", "vanilla", "--max-steps", "6",
                   "--output", str(work / "run"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, json.loads((work / "run" / "run.json").read_text())["mlflow_run_id"]
@@ -158,7 +152,7 @@ def test_init_from_an_mlflow_run_downloads_and_converts_its_weights(vanilla_run:
     out = work / "converted"
     shutil.move(work / "run" / "weights.safetensors", work / "source.safetensors")  # only MLflow holds it now
     try:
-        done = _train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", f"mlflow:{run_id}",
+        done = train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", f"mlflow:{run_id}",
                       "--max-steps", "0", "--output", str(out), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
                       cwd=work)
     finally:
@@ -208,7 +202,7 @@ def test_a_run_of_another_model_or_other_classes_is_one_sentence_before_training
                           ["a", "b", "c"])
     uri = f"sqlite:///{work / 'mlflow.db'}"
     start = time.monotonic()
-    done = _train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", f"mlflow:{vit}",
+    done = train("--model", "resnet_mini", *FAST, "--data", str(digits), "--init-from", f"mlflow:{vit}",
                   "--output", str(work / "refused"), "--tracking-uri", uri, cwd=work)
     assert done.returncode == 2 and time.monotonic() - start < 60
     last = done.stderr.strip().splitlines()[-1]
@@ -271,7 +265,7 @@ def test_timm_weights_placed_where_the_sentence_says_start_the_run_offline(digit
     recipe = yaml.safe_load((ROOT / "pipeline" / "recipes" / "resnet50_finetune.yaml").read_text())
     recipe["data"].update(train_crop=32, val_resize=32, val_crop=32)  # digits: 32 x 32
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    done = _train("--recipe", str(tmp_path / "recipe.yaml"), *FAST, "--data", str(digits), "--max-steps", "0",
+    done = train("--recipe", str(tmp_path / "recipe.yaml"), *FAST, "--data", str(digits), "--max-steps", "0",
                   "--output", str(tmp_path / "run"), "--no-tracking", cwd=tmp_path, env=_offline_env(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"initialised from timm's pretrained weights ({place})" in done.stderr

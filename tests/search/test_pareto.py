@@ -26,6 +26,7 @@ from search.front import Candidate, hypervolume, pareto_front
 from search.roofline import estimate_table
 from search.tables import load_table, predict, save_table, table_filename
 
+from ..conftest import run_module
 from ..daemons import stop
 from ..luts import seed
 
@@ -52,8 +53,7 @@ def _env(work: Path) -> dict[str, str]:
 
 
 def _run(work: Path, module: str, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=work, env=_env(work), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_module(module, *args, cwd=work, env=_env(work), timeout=timeout)
 
 
 def _train(work: Path, model: str, epochs: int) -> Path:
