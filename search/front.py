@@ -21,7 +21,8 @@ class Candidate:
 
 
 def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
-    """The non-dominated candidates (higher top-1, lower latency), by latency; one per distinct mask."""
+    """The non-dominated candidates (higher top-1, lower latency), by latency; one mask per point (of masks
+    with the same latency and top-1, the first given)."""
     unique = {c.mask: c for c in candidates}.values()
     ordered = sorted(unique, key=lambda c: (c.latency_ms, -c.acc1))
     front: list[Candidate] = []
