@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -63,6 +64,9 @@ def _sigterm_held() -> Iterator[None]:
     so Ray is never left half-started; Ray's own handler (``set_sigterm_handler``) is kept out for the call."""
     import ray._private.utils as ray_utils
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
     held: list[int] = []
     install = ray_utils.set_sigterm_handler
     ray_utils.set_sigterm_handler = lambda handler: None
