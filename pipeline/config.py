@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 #: Training modes: the two-pass ADN step, or one network alone (the paper's baselines).
 MODES = ("adn", "vanilla", "base")
+#: Numeric formats of a training (``pipeline.precision``).
+PRECISIONS = ("auto", "fp32", "amp-bf16", "bf16", "fp16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,8 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                    help="DeepSpeed ZeRO stage (0 and 1 reduce gradients once per ADN step; 2 and 3 after each of "
                         "its two backward passes: benchmarks/comms.py)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 on GPU when the recipe asks for AMP, else fp32 (always fp32 on CPU)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="amp-bf16: fp32 weights, forward under torch.autocast (norms and loss in fp32); bf16, fp16: "
+                        "DeepSpeed's mode (bf16 weights, fp32 master copies); auto: amp-bf16 on GPU when the recipe "
+                        "asks for AMP, else fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format for a CNN's activations and weights (default: on for CNNs on "
+                        "GPU)")
     g.add_argument("--deepspeed-config", help="JSON file merged over the generated DeepSpeed config")
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
@@ -127,6 +134,7 @@ class TrainConfig:
     data: dict[str, Any]
     zero_stage: int
     precision: str
+    channels_last: bool | None
     eval_all_masks: bool
     save_every_steps: int
     keep_checkpoints: int
@@ -182,7 +190,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         ema=given("ema", bool(recipe.get("ema", False))), ema_decay=recipe.get("ema_decay", 0.9998),
         amp=bool(recipe.get("amp", False)), model_kwargs=dict(recipe.get("model_kwargs", {})), adn=adn,
         data=dict(recipe["data"]), zero_stage=args.zero_stage, precision=args.precision,
-        eval_all_masks=args.eval_all_masks, save_every_steps=args.save_every_steps,
+        channels_last=args.channels_last, eval_all_masks=args.eval_all_masks, save_every_steps=args.save_every_steps,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         init_from=args.init_from or recipe.get("init_from"), resume=args.resume,
         deepspeed_config=args.deepspeed_config, cpu=args.cpu, rendezvous_timeout=args.rendezvous_timeout,

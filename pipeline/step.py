@@ -7,6 +7,7 @@ so gradients of both passes add up locally and are reduced once, and ZeRO-2 keep
 backward frees the super-net graph before the base-net runs, so peak memory stays near a
 vanilla step's; only the teacher logits (and stage outputs, with feature KD) are kept.
 ``vanilla`` trains the super-net alone with CE; ``base`` the base-net alone: the paper's baselines.
+Under ``amp-bf16`` each forward runs in ``torch.autocast`` and the losses are computed in fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from adn import SkipMask
 from adn.loss import DistillationConfig, classification_loss
 
 from .config import MODES
+from .precision import autocast
 
 
 class Engine(Protocol):
@@ -35,13 +37,14 @@ class TrainStep:
 
     The returned losses are unweighted (CE of the trained pass, KD and feature KD of the base-net).
 
-    ``model`` is the ADN module the engine wraps (for its stage count and stage-output recording).
+    ``model`` is the ADN module the engine wraps (for its stage count and stage-output recording);
+    ``precision`` is the run's (``pipeline.precision``).
     """
 
-    def __init__(self, model: torch.nn.Module, mode: str, loss: DistillationConfig) -> None:
+    def __init__(self, model: torch.nn.Module, mode: str, loss: DistillationConfig, precision: str = "fp32") -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
-        self.model, self.mode, self.loss = model, mode, loss
+        self.model, self.mode, self.loss, self.precision = model, mode, loss, precision
         self.super_mask = SkipMask.super_net(model.num_stages)
         self.base_mask = SkipMask.base_net(model.num_stages)
 
@@ -55,7 +58,7 @@ class TrainStep:
         if self.mode != "adn":
             mask = self.super_mask if self.mode == "vanilla" else self.base_mask
             engine.set_gradient_accumulation_boundary(True)
-            loss = classification_loss(engine(images, skip=mask), labels, self.loss.label_smoothing)
+            loss = classification_loss(self._forward(engine, images, mask), labels, self.loss.label_smoothing)
             engine.backward(loss)
             engine.step()
             zero = torch.zeros((), device=loss.device)
@@ -66,10 +69,10 @@ class TrainStep:
         teacher_features: dict[int, torch.Tensor] = {}
         if features:
             with self.model.record_stage_outputs() as recorded:
-                logits = engine(images, skip=self.super_mask)
-            teacher_features = {k: v.detach() for k, v in recorded.items()}
+                logits = self._forward(engine, images, self.super_mask)
+            teacher_features = {k: v.detach().float() for k, v in recorded.items()}
         else:
-            logits = engine(images, skip=self.super_mask)
+            logits = self._forward(engine, images, self.super_mask)
         loss, loss_ce = self.loss.super_loss(logits, labels)
         engine.backward(loss)
         teacher = logits.detach()
@@ -77,13 +80,20 @@ class TrainStep:
 
         engine.set_gradient_accumulation_boundary(True)
         if features:
-            with self.model.record_stage_outputs() as student_features:
-                logits = engine(images, skip=self.base_mask)
+            with self.model.record_stage_outputs() as recorded:
+                logits = self._forward(engine, images, self.base_mask)
+            student_features = {k: v.float() for k, v in recorded.items()}
             loss, loss_kd, loss_feat = self.loss.base_loss(logits, teacher, student_features, teacher_features,
                                                            self.model.channel_dim)
         else:
-            logits = engine(images, skip=self.base_mask)
+            logits = self._forward(engine, images, self.base_mask)
             loss, loss_kd, loss_feat = self.loss.base_loss(logits, teacher)
         engine.backward(loss)
         engine.step()
         return {"loss_ce": loss_ce, "loss_kd": loss_kd, "loss_feat": loss_feat}
+
+    def _forward(self, engine: Engine, images: torch.Tensor, mask: SkipMask) -> torch.Tensor:
+        """Logits of ``mask`` in fp32 for the loss (the forward itself in bf16 under ``amp-bf16``)."""
+        with autocast(self.precision, images.device):
+            logits = engine(images, skip=mask)
+        return logits.float()

@@ -49,6 +49,7 @@ from .evaluate import Accuracy, evaluate
 from .init_from import InitSource
 from .init_from import build as build_from
 from .optim import build_optimizer, build_scheduler
+from .precision import WEIGHT_DTYPES, autocast, is_cnn, resolve_precision, weights_to_channels_last
 from .signals import Preempted, StopRequest
 from .step import TrainStep
 from .tracking import Tracker
@@ -66,6 +67,8 @@ def deepspeed_config(cfg: TrainConfig, precision: str, extra: dict[str, Any] | N
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
+        # DeepSpeed's bf16/fp16 mode runs the whole network in that dtype: the norms' running statistics too.
+        **({"data_types": {"buffer_dtype": precision}} if precision in ("bf16", "fp16") else {}),
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -118,15 +121,9 @@ class Trainer:
         self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
-        precision = cfg.precision
-        if precision == "auto":
-            precision = "bf16" if use_cuda and cfg.amp else "fp32"
-        if not use_cuda and precision != "fp32":
-            raise ValueError(f"--precision {precision} needs a GPU; on CPU training runs in fp32.")
+        self.precision = precision = resolve_precision(cfg.precision, use_cuda, cfg.amp)
         self.nodes = int(os.environ.get("CROSS_SIZE", 1))  # set by the DeepSpeed launcher
-        # What is printed, saved and logged: the config and what this run decided from it.
-        self.record = cfg.record(precision=precision, world_size=self.world, nodes=self.nodes)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.dtype = WEIGHT_DTYPES[precision]  # what the images are cast to
         self.output = Path(cfg.output)
         self.ckpt_dir = self.output / CHECKPOINTS
 
@@ -149,8 +146,14 @@ class Trainer:
             self.model, notes = build_from(init, cfg.model, len(self.classes), **cfg.model_kwargs)
             if self.rank == 0:
                 log.info("initialised from %s%s", init.describe(), "".join(f"; {n}" for n in notes))
+        self.channels_last = use_cuda and is_cnn(self.model) if cfg.channels_last is None else cfg.channels_last
+        if self.channels_last and not is_cnn(self.model):
+            raise ValueError(f"--channels-last applies to CNNs; {cfg.model} keeps its features channels-last already.")
+        # What is printed, saved and logged: the config and what this run decided from it.
+        self.record = cfg.record(precision=precision, channels_last=self.channels_last, world_size=self.world,
+                                 nodes=self.nodes)
         self.loss = DistillationConfig(**asdict(cfg.adn), label_smoothing=cfg.data.get("label_smoothing", 0.0))
-        self.step_fn = TrainStep(self.model, cfg.mode, self.loss)
+        self.step_fn = TrainStep(self.model, cfg.mode, self.loss, precision)
         self.eval_masks = (self.model.masks() if cfg.eval_all_masks else self.step_fn.train_masks)
 
         optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -164,6 +167,8 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                      config=deepspeed_config(cfg, precision, extra))
         guard_loads(self.engine)
+        if self.channels_last and not weights_to_channels_last(self.model) and self.rank == 0:
+            log.info("channels-last: the activations only; DeepSpeed holds the weights in flat buffers (NCHW)")
         if cfg.mode == "adn" and cfg.zero_stage >= 2 and self.world > 1 and self.rank == 0:
             log.warning("ZeRO-%d reduces the gradients after each backward, so an ADN step reduces twice (the "
                         "super-net's, then the base-net's): about 1 + params(base)/params(super) times a vanilla "
@@ -321,7 +326,7 @@ class Trainer:
             step = epoch * self.steps_per_epoch + start
             for _, batch in zip(range(start, stop), batches, strict=False):
                 step_start, cpu_start = time.perf_counter(), time.process_time()
-                losses = self.step_fn(self.engine, batch.images.to(self.dtype), batch.labels)
+                losses = self.step_fn(self.engine, self.inputs(batch.images), batch.labels)
                 if self.ema is not None:
                     self.ema.update(self.model, step=step)
                 step += 1
@@ -354,6 +359,16 @@ class Trainer:
                     raise Preempted(signum, step, step_tag(step))
         return step
 
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images as the network takes them: the weights' dtype, channels-last where the run is."""
+        return images.to(self.dtype, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+    def _evaluate(self, model: torch.nn.Module, masks: list, progress: bool = False) -> dict[str, Accuracy]:
+        batches = ((self.inputs(b.images), b.labels) for b in self.val_loader)
+        with autocast(self.precision, self.device):
+            return evaluate(model, batches, masks, device=self.device, total=len(self.val_loader),
+                            progress=progress, desc="validate")
+
     def _stop_signal(self) -> int:
         """The stop signal any rank received (0: none); every rank calls it at the same steps, so all stop at
         the same step even when the signal reached them a step apart."""
@@ -379,16 +394,14 @@ class Trainer:
 
     def evaluate_at(self, epoch: int, step: int) -> None:
         """Validate after ``epoch`` epochs (0: the initial weights), log it and keep it for the summary."""
-        results = evaluate(self.model, self.val_loader, self.eval_masks, device=self.device,
-                           total=len(self.val_loader), progress=self.rank == 0, desc="validate")
+        results = self._evaluate(self.model, self.eval_masks, progress=self.rank == 0)
         bad = self._bad_samples()  # this epoch's, before the EMA's pass reads the val split again
         metrics = {}
         for mask, acc in results.items():
             metrics[f"val_acc1_{mask}"] = acc.acc1
             metrics[f"val_acc5_{mask}"] = acc.acc5
         if self.ema is not None:
-            for mask, acc in evaluate(self.ema.module, self.val_loader, self.step_fn.train_masks,
-                                      device=self.device).items():
+            for mask, acc in self._evaluate(self.ema.module, self.step_fn.train_masks).items():
                 metrics[f"val_ema_acc1_{mask}"] = acc.acc1
                 metrics[f"val_ema_acc5_{mask}"] = acc.acc5
             self._bad_samples()

@@ -7,6 +7,8 @@ again): distributed training cannot hang on a short rank.
 Validation never resamples: the samples, in manifest order, are cut into one contiguous range
 per (rank, worker), so every sample is seen exactly once across all ranks.
 Shards stream from wherever ``pipeline.data.storage`` can reach: a directory, http(s), s3, or a pipe.
+Workers decode and transform the images; with ``decode="device"`` they ship the JPEG bytes and the
+device decodes them (``pipeline.data.device_decode``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..recipes import load_recipe
+from .device_decode import DeviceDecoder, Encoded, EncodedBatch, check_recipe, draw_crop, jpeg_size
 from .manifest import Manifest, read_manifest
 from .storage import Location, ShardReadError, parse_location, shard_samples, stream_samples
 from .transforms import Normalize, batch_transform, train_transform, val_transform
 
 log = logging.getLogger(__name__)
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+#: Where images are decoded: in the DataLoader workers, or on the training device.
+DECODE = ("workers", "device")
 
 
 class Batch(NamedTuple):
@@ -195,9 +201,41 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
+def _encoder(data: dict[str, Any], train: bool, bad: BadSamples) -> Callable[[dict], Encoded | None]:
+    """For decoding on the device: the JPEG bytes as they are (anything else decoded here) and the drawn crop."""
+    def encode(sample: dict[str, Any]) -> Encoded | None:
+        key = sample.get("__key__", "?")
+        try:
+            field = next((f for f in IMAGE_FIELDS if f in sample), None)
+            if field is None:
+                raise ValueError("the sample has no image (a truncated or missing member)")
+            if "cls" not in sample:
+                raise ValueError("the sample has no .cls label")
+            raw = sample[field]
+            size = jpeg_size(raw)
+            if size is None:
+                payload = pil_to_tensor(decode_image(raw))
+                size = (payload.shape[1], payload.shape[2])
+            else:
+                payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            return Encoded(payload, payload.dim() == 1, draw_crop(size, data) if train else None, int(sample["cls"]), key)
+        except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped, counted and reported
+            bad.report(f"{key} ({Path(str(sample.get('__url__', '?'))).name})", err)
+            return None
+
+    return encode
+
+
+def _collate_encoded(samples: list[Encoded]) -> EncodedBatch:
+    return EncodedBatch(samples, torch.tensor([s.label for s in samples]), [s.key for s in samples])
+
+
 def _decode_and_batch(transform: Callable[[Image.Image], torch.Tensor], bad: BadSamples, batch_size: int,
-                      partial: bool) -> list[Any]:
-    """Pipeline stages: decode and transform each sample, drop the bad ones, collate batches."""
+                      partial: bool, encode: Callable[[dict], Encoded | None] | None = None) -> list[Any]:
+    """Pipeline stages: decode and transform each sample (or only ``encode`` it), drop the bad ones, collate."""
+    if encode is not None:
+        return [wds.map(encode), wds.select(lambda s: s is not None),
+                wds.batched(batch_size, collation_fn=_collate_encoded, partial=partial)]
     return [wds.map(_decoder(transform, bad)), wds.select(lambda s: s is not None),
             wds.batched(batch_size, collation_fn=_collate, partial=partial)]
 
@@ -216,10 +254,11 @@ class ShardLoader:
     """
 
     def __init__(self, loader: DataLoader, num_batches: int, manifest: Manifest, bad: BadSamples,
-                 seeds: _Seeds, normalize: Normalize, mix: Callable | None, device: torch.device) -> None:
+                 seeds: _Seeds, normalize: Normalize, mix: Callable | None, device: torch.device,
+                 decoder: DeviceDecoder | None = None) -> None:
         self.loader, self.num_batches, self.manifest, self._bad, self._seeds = (
             loader, num_batches, manifest, bad, seeds)
-        self.normalize, self.mix, self.device = normalize, mix, device
+        self.normalize, self.mix, self.device, self.decoder = normalize, mix, device, decoder
 
     def __len__(self) -> int:
         return self.num_batches
@@ -238,11 +277,15 @@ class ShardLoader:
             for _ in itertools.islice(batches, start):
                 pass
             for batch in batches:
-                images = self.normalize(batch.images.to(self.device, non_blocking=True))
-                labels = batch.labels.to(self.device, non_blocking=True)
+                if self.decoder is not None:
+                    images, labels, keys = self.decoder(batch)
+                else:
+                    images, labels, keys = batch.images.to(self.device, non_blocking=True), batch.labels, batch.keys
+                images = self.normalize(images)
+                labels = labels.to(self.device, non_blocking=True)
                 if self.mix is not None:
                     images, labels = self.mix(images, labels)
-                yield Batch(images, labels, batch.keys)
+                yield Batch(images, labels, keys)
         except ShardReadError as err:
             # From a DataLoader worker the message carries the worker's traceback; keep the sentence.
             raise ShardReadError(str(err).strip().splitlines()[-1].split("ShardReadError: ")[-1]) from None
@@ -279,25 +322,32 @@ def make_loader(
     verify: str = "size",
     device: str | torch.device = "cpu",
     max_samples: int | None = None,
+    decode: str = "workers",
 ) -> ShardLoader:
     """Build the loader of ``split`` (``train`` defaults to ``split == "train"``); checks shards before streaming.
 
     ``data_dir`` is a directory or a remote location (``http(s)://``, ``s3://``, ``pipe:CMD``; see
     ``pipeline.data.storage``). Batches arrive normalized on ``device``; ``rank``/``world_size``
     default to torch.distributed's. ``max_samples`` (validation only) keeps the split's first N samples.
+    ``decode="device"`` decodes JPEGs on ``device`` (nvJPEG on a GPU) instead of in the workers.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if max_samples is not None and (max_samples < 1 or (train if train is not None else split == "train")):
         raise ValueError(f"max_samples cuts validation splits only and must be at least 1, got {max_samples}.")
+    if decode not in DECODE:
+        raise ValueError(f"decode must be one of {', '.join(DECODE)}, got {decode!r}.")
     location = parse_location(data_dir)
     manifest = read_manifest(location, split, verify=verify)
     data = load_recipe(recipe)["data"]
+    bad = BadSamples()
     train = split == "train" if train is None else train
+    if decode == "device" and train:
+        check_recipe(data)
+    encode = _encoder(data, train, bad) if decode == "device" else None
     if rank is None or world_size is None:
         rank, world_size = _dist_rank_world()
     workers = max(num_workers, 1)
-    bad = BadSamples()
     seeds = _Seeds(seed, rank)
     if train:
         num_batches = manifest.num_samples // (world_size * batch_size)
@@ -309,13 +359,14 @@ def make_loader(
         stages = [_EpochShards([location.url(s.name) for s in manifest.shards], seeds, world_size),
                   stream_samples(bad.tar_handler),
                   _seeded_shuffle(seeds, buffer),
-                  *_decode_and_batch(train_transform(data), bad, batch_size, partial=False)]
+                  *_decode_and_batch(train_transform(data), bad, batch_size, partial=False, encode=encode)]
         pipeline = wds.DataPipeline(*stages)
         # Each worker stops after its share; together the rank yields exactly num_batches.
         pipeline = _PerWorkerEpoch(pipeline, num_batches)
     else:
         exact = _ExactSamples(manifest, location, rank, world_size, bad, max_samples)
-        pipeline = wds.DataPipeline(exact, *_decode_and_batch(val_transform(data), bad, batch_size, partial=True))
+        pipeline = wds.DataPipeline(exact, *_decode_and_batch(val_transform(data), bad, batch_size, partial=True,
+                                                              encode=encode))
         num_batches = 0
         for w in range(workers):
             start, stop = exact.part_range(rank * workers + w, world_size * workers)
@@ -324,7 +375,8 @@ def make_loader(
     loader = DataLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
                         multiprocessing_context="fork" if num_workers > 0 else None)
     mix = batch_transform(data, len(manifest.classes)) if train else None
-    return ShardLoader(loader, num_batches, manifest, bad, seeds, Normalize(data, train), mix, device)
+    decoder = DeviceDecoder(data, train, device, bad) if decode == "device" else None
+    return ShardLoader(loader, num_batches, manifest, bad, seeds, Normalize(data, train), mix, device, decoder)
 
 
 class _PerWorkerEpoch(IterableDataset):
