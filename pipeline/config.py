@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--deepspeed-config", help="JSON file merged over the generated DeepSpeed config")
     g.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    g.add_argument("--decode", choices=("workers", "device"), default="workers",
+                   help="where JPEGs are decoded: in the DataLoader workers, or on the training device (nvJPEG on a "
+                        "GPU; the workers only read shards and draw the crops; crop-and-flip recipes only)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all (smoke runs; 0: "
                                                  "only initialise, evaluate and write the weights)")
@@ -143,6 +146,7 @@ class TrainConfig:
     # How this run is carried out (not recipe values).
     resume: str | None = None
     deepspeed_config: str | None = None
+    decode: str = "workers"
     cpu: bool = False
     rendezvous_timeout: float = RENDEZVOUS_TIMEOUT_S
     tracking: bool = True
@@ -193,7 +197,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         channels_last=args.channels_last, eval_all_masks=args.eval_all_masks, save_every_steps=args.save_every_steps,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         init_from=args.init_from or recipe.get("init_from"), resume=args.resume,
-        deepspeed_config=args.deepspeed_config, cpu=args.cpu, rendezvous_timeout=args.rendezvous_timeout,
+        deepspeed_config=args.deepspeed_config, decode=args.decode, cpu=args.cpu,
+        rendezvous_timeout=args.rendezvous_timeout,
         tracking=not args.no_tracking, tracking_uri=args.tracking_uri, experiment=args.experiment,
         run_name=args.run_name, parent_run_id=args.parent_run_id, verify_replicas=args.verify_replicas)
     validate(config, finetune=bool(recipe.get("finetune")), init_flag=args.init_from)
@@ -213,6 +218,9 @@ def validate(config: TrainConfig, finetune: bool = False, init_flag: str | None 
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    if config.channels_last and config.zero_stage == 3:
+        raise ValueError("--channels-last works with --zero-stage 0 to 2; ZeRO-3 gathers each weight for its forward "
+                         "in the layout it was partitioned in.")
     if config.ema and config.zero_stage == 3:
         raise ValueError("--ema needs the full weights on every rank; use --zero-stage 0, 1 or 2 with it.")
 

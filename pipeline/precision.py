@@ -4,8 +4,8 @@
 keeps fp32 master copies, so every op, the norms too, runs in bf16. ``amp-bf16`` keeps fp32
 weights and runs the forward under ``torch.autocast``: matmuls and convolutions in bf16, norms,
 softmax and the loss in fp32, as torchvision's reference training does. Channels-last applies to
-the CNNs; where DeepSpeed holds the weights in flat buffers (ZeRO 1 to 3), the weights stay NCHW
-and only the activations are channels-last (cuDNN converts the weights per call).
+the CNNs; where DeepSpeed holds the weights itself (ZeRO 1 and 2), the weights stay NCHW and only
+the activations are channels-last (cuDNN converts the weights per call).
 """
 
 from __future__ import annotations
@@ -44,14 +44,20 @@ def is_cnn(model: nn.Module) -> bool:
     return getattr(model, "channel_dim", None) == 1
 
 
-def weights_to_channels_last(model: nn.Module) -> bool:
-    """Make the 4-D weights channels-last after ``deepspeed.initialize`` (whose broadcast cannot view them so).
+def use_channels_last(model: nn.Module) -> bool:
+    """Set a CNN up for channels-last activations once ``deepspeed.initialize`` has run (its broadcast cannot
+    view channels-last weights); True when the 4-D weights were made channels-last too.
 
-    Returns False, changing nothing, where DeepSpeed's optimizer holds the weights as views of flat
-    buffers: replacing them would cut the optimizer off from the module.
+    Where DeepSpeed's optimizer holds the weights as views of one flat buffer (ZeRO 1 and 2), replacing them would cut the
+    optimizer off from the module: they stay NCHW, and their gradients (channels-last from a channels-last
+    input) are made NCHW before DeepSpeed's gradient buckets, which cannot take them otherwise.
     """
     params = list(model.parameters())
-    if any(p.data._base is not None for p in params):
-        return False
-    model.to(memory_format=torch.channels_last)
-    return True
+    if len({p.untyped_storage().data_ptr() for p in params}) == len(params):  # each weight its own storage
+        model.to(memory_format=torch.channels_last)
+        return True
+    for p in params:
+        if p.dim() == 4:
+            p.register_hook(lambda grad: grad.contiguous())
+    return False
+

@@ -49,7 +49,7 @@ from .evaluate import Accuracy, evaluate
 from .init_from import InitSource
 from .init_from import build as build_from
 from .optim import build_optimizer, build_scheduler
-from .precision import WEIGHT_DTYPES, autocast, is_cnn, resolve_precision, weights_to_channels_last
+from .precision import WEIGHT_DTYPES, autocast, is_cnn, resolve_precision, use_channels_last
 from .signals import Preempted, StopRequest
 from .step import TrainStep
 from .tracking import Tracker
@@ -130,9 +130,10 @@ class Trainer:
         recipe = {"data": cfg.data}
         self.train_loader = make_loader(cfg.data_dir, "train", cfg.batch_size, recipe, rank=self.rank,
                                         world_size=self.world, num_workers=cfg.workers, seed=cfg.seed,
-                                        device=self.device)
+                                        device=self.device, decode=cfg.decode)
         self.val_loader = make_loader(cfg.data_dir, "val", cfg.batch_size, recipe, rank=self.rank,
-                                      world_size=self.world, num_workers=cfg.workers, device=self.device)
+                                      world_size=self.world, num_workers=cfg.workers, device=self.device,
+                                      decode=cfg.decode)
         self.classes = self.train_loader.classes
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
@@ -146,7 +147,9 @@ class Trainer:
             self.model, notes = build_from(init, cfg.model, len(self.classes), **cfg.model_kwargs)
             if self.rank == 0:
                 log.info("initialised from %s%s", init.describe(), "".join(f"; {n}" for n in notes))
-        self.channels_last = use_cuda and is_cnn(self.model) if cfg.channels_last is None else cfg.channels_last
+        self.channels_last = cfg.channels_last
+        if self.channels_last is None:
+            self.channels_last = use_cuda and is_cnn(self.model) and cfg.zero_stage < 3
         if self.channels_last and not is_cnn(self.model):
             raise ValueError(f"--channels-last applies to CNNs; {cfg.model} keeps its features channels-last already.")
         # What is printed, saved and logged: the config and what this run decided from it.
@@ -167,7 +170,7 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=optimizer, lr_scheduler=scheduler,
                                                      config=deepspeed_config(cfg, precision, extra))
         guard_loads(self.engine)
-        if self.channels_last and not weights_to_channels_last(self.model) and self.rank == 0:
+        if self.channels_last and not use_channels_last(self.model) and self.rank == 0:
             log.info("channels-last: the activations only; DeepSpeed holds the weights in flat buffers (NCHW)")
         if cfg.mode == "adn" and cfg.zero_stage >= 2 and self.world > 1 and self.rank == 0:
             log.warning("ZeRO-%d reduces the gradients after each backward, so an ADN step reduces twice (the "

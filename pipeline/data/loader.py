@@ -218,7 +218,8 @@ def _encoder(data: dict[str, Any], train: bool, bad: BadSamples) -> Callable[[di
                 size = (payload.shape[1], payload.shape[2])
             else:
                 payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            return Encoded(payload, payload.dim() == 1, draw_crop(size, data) if train else None, int(sample["cls"]), key)
+            crop = draw_crop(size, data) if train else None
+            return Encoded(payload, payload.dim() == 1, crop, int(sample["cls"]), key)
         except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped, counted and reported
             bad.report(f"{key} ({Path(str(sample.get('__url__', '?'))).name})", err)
             return None

@@ -227,7 +227,7 @@ def test_device_decoding_crops_as_random_resized_crop_and_refuses_per_image_poli
     torch.manual_seed(0)
     for _ in range(200):
         top, left, h, w, _flip = draw_crop((180, 260), {"scale": [0.08, 1.0]})
-        assert 0 <= top and top + h <= 180 and 0 <= left and left + w <= 260
+        assert top >= 0 and top + h <= 180 and left >= 0 and left + w <= 260
         area, ratio = h * w / (180 * 260), w / h
         assert (0.07 <= area <= 1.0 and 3 / 4 * 0.9 <= ratio <= 4 / 3 * 1.1) or (h, w) == (180, 240), (h, w)
     with pytest.raises(ValueError, match="auto_augment 'ra' runs per image on the loader workers"):
