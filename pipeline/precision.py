@@ -48,9 +48,9 @@ def use_channels_last(model: nn.Module) -> bool:
     """Set a CNN up for channels-last activations once ``deepspeed.initialize`` has run (its broadcast cannot
     view channels-last weights); True when the 4-D weights were made channels-last too.
 
-    Where DeepSpeed's optimizer holds the weights as views of one flat buffer (ZeRO 1 and 2), replacing them would cut the
-    optimizer off from the module: they stay NCHW, and their gradients (channels-last from a channels-last
-    input) are made NCHW before DeepSpeed's gradient buckets, which cannot take them otherwise.
+    Where DeepSpeed's optimizer holds the weights as views of one flat buffer (ZeRO 1 and 2), replacing
+    them would cut the optimizer off from the module: they stay NCHW, and their gradients (channels-last
+    from a channels-last input) are made NCHW before DeepSpeed's gradient buckets, which view them flat.
     """
     params = list(model.parameters())
     if len({p.untyped_storage().data_ptr() for p in params}) == len(params):  # each weight its own storage

@@ -8,8 +8,8 @@ once on the ``meta`` device (shapes only, no compute) and each kernel is charged
 (``search.parts``) that launched it. Tables are marked ``method: roofline-estimate``.
 
 Spec figures are the vendors' published datasheet numbers (dense, without structured sparsity);
-see ``SPECS``. The efficiency factors and launch overhead are assumptions, to be calibrated
-against measured tables (``python -m search.profile --save-as``) where a device is at hand.
+see ``SPECS``. The efficiency factors and launch overhead are assumptions until ``calibrate`` fits
+them to whole-network times measured on a device (``benchmarks/gpu.py`` does so on a GPU).
 
 ``python -m search.roofline --write`` regenerates the tables shipped in ``search/luts/``.
 """
@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 from tqdm import tqdm
 
-from adn import create_model
+from adn import SkipMask, create_model
 
 from .parts import Part, model_parts
 from .profile import DTYPES
@@ -59,6 +59,9 @@ SPECS: dict[str, Spec] = {
     "h100": Spec("NVIDIA H100 SXM5 80GB", {"bf16": 989.4, "fp16": 989.4}, 66.9, 3350.0,
                  "NVIDIA H100 Tensor Core GPU datasheet: BF16/FP16 tensor 1,979 TFLOPS with sparsity (989.4 dense), "
                  "FP32 66.9 TFLOPS, HBM3 3.35 TB/s (SXM5)"),
+    "h200": Spec("NVIDIA H200 SXM 141GB", {"bf16": 989.4, "fp16": 989.4}, 66.9, 4800.0,
+                 "NVIDIA H200 Tensor Core GPU datasheet: the H100's compute (BF16/FP16 tensor 989.4 TFLOPS dense, FP32 "
+                 "66.9 TFLOPS), HBM3e 4.8 TB/s"),
     "a100": Spec("NVIDIA A100 SXM4 80GB", {"bf16": 312.0, "fp16": 312.0}, 19.5, 2039.0,
                  "NVIDIA A100 Tensor Core GPU datasheet: BF16/FP16 tensor 312 TFLOPS (dense), FP32 19.5 TFLOPS, "
                  "HBM2e 2,039 GB/s (80GB SXM4)"),
@@ -152,11 +155,11 @@ def trace_kernels(model_name: str, batch_size: int, resolution: int | None, dtyp
 
 
 def estimate_table(target: str, model_name: str, batch_size: int = 1, resolution: int | None = None,
-                   dtype: str | None = None, num_classes: int = 1000) -> dict[str, Any]:
-    """The roofline-estimate table of ``model_name`` on ``target``."""
+                   dtype: str | None = None, num_classes: int = 1000, spec: Spec | None = None) -> dict[str, Any]:
+    """The roofline-estimate table of ``model_name`` on ``target`` (``spec``: other factors than the shipped)."""
     if target not in SPECS:
         raise ValueError(f"no spec for target {target!r}; known: {', '.join(SPECS)}.")
-    spec = SPECS[target]
+    spec = spec or SPECS[target]
     dtype = dtype or spec.default_dtype
     parts, kernels, model, res = trace_kernels(model_name, batch_size, resolution, dtype, num_classes)
     rows = []
@@ -179,6 +182,69 @@ def estimate_table(target: str, model_name: str, batch_size: int = 1, resolution
                      "bandwidth_gbs": spec.bandwidth_gbs, "compute_efficiency": spec.compute_efficiency,
                      "memory_efficiency": spec.memory_efficiency, "launch_us": spec.launch_us,
                      "source": spec.source}}
+
+
+def calibrate(measured: list[dict[str, Any]], target: str) -> dict[str, Any]:
+    """Fit ``target``'s efficiency factors and launch cost to whole-network times measured there.
+
+    ``measured``: one entry per (model, batch, dtype), ``{"model", "batch_size", "resolution", "dtype",
+    "mask_ms": {mask: ms}}``. The fit minimises the mean absolute relative error over every mask of every
+    entry (a grid over both efficiencies; the launch cost, linear in the kernel count, on a fine grid).
+    Returns the fitted factors and the error per entry before (the shipped factors) and after.
+    """
+    import numpy as np
+
+    spec = SPECS[target]
+    efficiencies = np.round(np.arange(0.05, 1.0001, 0.05), 2)
+    launches = np.arange(0.0, 30.0001, 0.25)
+    entries = []
+    for m in measured:
+        parts, kernels, model, res = trace_kernels(m["model"], m["batch_size"], m.get("resolution"), m["dtype"])
+        masks = list(m["mask_ms"])
+        included = _included(model, parts, masks)
+        arrays = {name: (np.array([k.flops for k in ks]), np.array([k.bytes for k in ks]),
+                         np.array([spec.tensor_tflops.get(m["dtype"], spec.fp32_tflops) if k.tensor_core
+                                   else spec.fp32_tflops for k in ks]) * 1e12)
+                  for name, ks in kernels.items()}
+        counts = np.array([sum(len(kernels.get(n, ())) for n in included[mask] + [None]) for mask in masks])
+        entries.append((m, masks, included, arrays, counts, np.array([m["mask_ms"][k] for k in masks])))
+
+    def no_launch_ms(entry: tuple, ce: float, me: float) -> Any:
+        _, masks, included, arrays, _, _ = entry
+        per_part = {name: float(np.maximum(f / (peak * ce), b / (spec.bandwidth_gbs * 1e9 * me)).sum() * 1e3)
+                    for name, (f, b, peak) in arrays.items()}
+        return np.array([sum(per_part.get(n, 0.0) for n in included[mask] + [None]) for mask in masks])
+
+    def errors(ce: float, me: float, launch_us: float) -> list[Any]:
+        return [np.abs(no_launch_ms(e, ce, me) + e[4] * launch_us * 1e-3 - e[5]) / e[5] for e in entries]
+
+    best = (float("inf"), spec.compute_efficiency, spec.memory_efficiency, spec.launch_us)
+    for ce in efficiencies:
+        for me in efficiencies:
+            base = [(no_launch_ms(e, ce, me), e[4], e[5]) for e in entries]
+            for launch in launches:
+                err = float(np.mean(np.concatenate([np.abs(a + n * launch * 1e-3 - t) / t for a, n, t in base])))
+                if err < best[0]:
+                    best = (err, float(ce), float(me), float(launch))
+    before = errors(spec.compute_efficiency, spec.memory_efficiency, spec.launch_us)
+    after = errors(*best[1:])
+    return {"target": target, "compute_efficiency": best[1], "memory_efficiency": best[2], "launch_us": best[3],
+            "shipped": {"compute_efficiency": spec.compute_efficiency, "memory_efficiency": spec.memory_efficiency,
+                        "launch_us": spec.launch_us},
+            "entries": [{"model": e[0]["model"], "batch_size": e[0]["batch_size"], "dtype": e[0]["dtype"],
+                         "mape_shipped": float(b.mean()), "max_error_shipped": float(b.max()),
+                         "mape_fitted": float(a.mean()), "max_error_fitted": float(a.max())}
+                        for e, b, a in zip(entries, before, after, strict=True)],
+            "mape_shipped": float(np.mean(np.concatenate(before))), "mape_fitted": best[0]}
+
+
+def _included(model: torch.nn.Module, parts: list[Part], masks: list[str]) -> dict[str, list[str]]:
+    """The parts each stage mask runs (a skippable part is left out when its stage is skipped)."""
+    out = {}
+    for mask in masks:
+        skipped = SkipMask.parse(mask, model.num_stages)
+        out[mask] = [p.name for p in parts if p.skip_bit is None or not skipped[p.skip_bit]]
+    return out
 
 
 def write_shipped(out: Path = SHIPPED_DIR) -> list[Path]:

@@ -21,7 +21,7 @@ from search.profile import (
     validate,
 )
 from search.roofline import SHIPPED_BATCHES, SHIPPED_MODELS, SPECS, estimate_table
-from search.tables import SHIPPED_DIR, TableError, load_table, predict, resolve, save_table
+from search.tables import SHIPPED_DIR, TableError, load_table, predict, predict_all, resolve, save_table
 
 from ..daemons import stop
 from ..luts import fake_measure, run_with_tables
@@ -267,3 +267,21 @@ def test_profile_cli_bad_input_is_one_sentence(capsys) -> None:
     assert refused("--model", "resnet_mini", "--tolerance", "0").startswith("error: --tolerance must be above 0")
     assert "no CUDA device" in refused("--model", "resnet_mini", "--device", "cuda")
     assert refused("--model", "resnet_mini", "--threads", "0").startswith("error: --threads sets CPU threads")
+
+
+def test_calibration_recovers_the_factors_behind_whole_network_times() -> None:
+    """Times made by the roofline itself with other factors: the fit finds those factors and no error remains."""
+    import dataclasses
+
+    from search.roofline import calibrate
+
+    truth = dataclasses.replace(SPECS["h200"], compute_efficiency=0.6, memory_efficiency=0.45, launch_us=4.5)
+    measured = []
+    for model, batch in (("resnet_mini", 1), ("resnet_mini", 64), ("vit_mini", 1)):
+        table = estimate_table("h200", model, batch, spec=truth)
+        measured.append({"model": model, "batch_size": batch, "resolution": table["resolution"],
+                         "dtype": table["dtype"], "mask_ms": predict_all(table)})
+    fit = calibrate(measured, "h200")
+    assert (fit["compute_efficiency"], fit["memory_efficiency"], fit["launch_us"]) == (0.6, 0.45, 4.5)
+    assert fit["mape_fitted"] < 1e-9 < 0.05 < fit["mape_shipped"]
+    assert [e["model"] for e in fit["entries"]] == ["resnet_mini", "resnet_mini", "vit_mini"]
