@@ -4,7 +4,9 @@ A table is JSON (``format: adn-latency/1``) with metadata (model, target, device
 resolution, torch version, date, ``method``: ``measured`` or ``roofline-estimate``) and one row
 per part (``search.parts``): ``ms``, ``ms_norm_skipped`` for parts whose switchable norms follow a
 stage bit, ``skip_bit`` for parts a mask can drop; ``remainder_ms`` is what runs between parts.
-``predict(table, mask)`` adds the rows the mask runs.
+``predict(table, mask)`` adds the rows the mask runs. Where the sum of parts does not hold (on a
+GPU, kernels overlap and launches dominate small batches), a measured table also carries
+``mask_ms``, every stage mask's whole-network time, and stage masks are looked up there.
 
 Named targets resolve to tables: first the user's directory (``$ADN_LUT_DIR``, default
 ``~/.cache/adn/luts``, written by ``python -m search.profile --save-as NAME``), then the estimates
@@ -48,6 +50,8 @@ def parse_table_mask(table: dict[str, Any], mask: MaskLike) -> SkipMask | BlockM
 def predict(table: dict[str, Any], mask: MaskLike = None) -> float:
     """Predicted milliseconds of the sub-network ``mask`` (default: the super-net); stage or block mask."""
     m = parse_table_mask(table, mask)
+    if isinstance(m, SkipMask) and str(m) in table.get("mask_ms", {}):
+        return float(table["mask_ms"][str(m)])
     blocks = m if isinstance(m, BlockMask) else None
     stages = stage_view(m)
     total = table["remainder_ms"]

@@ -77,6 +77,9 @@ def test_predict_adds_the_parts_a_mask_runs() -> None:
     assert predict(table, "TT") == 0.5 + 1 + 2.5 + 8
     with pytest.raises(ValueError, match="2 skippable stages"):
         predict(table, "TTT")
+    # Whole-network times measured per stage mask replace the sum of parts for those masks only.
+    table["mask_ms"] = {"FF": 29.0, "TT": 10.0}
+    assert (predict(table, "FF"), predict(table, "TT"), predict(table, "TF")) == (29.0, 10.0, 0.5 + 1 + 2.5 + 8 + 16)
 
 
 @pytest.mark.slow
