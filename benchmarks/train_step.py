@@ -33,7 +33,7 @@ from tqdm import tqdm
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _peak_allocated(fn) -> float:
+def peak_allocated(fn) -> float:
     """Bytes allocated at the step's peak above the bytes live when it starts (PyTorch's allocation events)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,7 +93,7 @@ def main() -> None:
     for r in tqdm(range(args.rounds), desc="rounds", leave=False):
         for mode in (("vanilla", "adn") if r % 2 == 0 else ("adn", "vanilla")):
             times[mode].append(run(mode))
-    peaks = {m: _peak_allocated(lambda m=m: steps[m](engine, x, y)) for m in steps}
+    peaks = {m: peak_allocated(lambda m=m: steps[m](engine, x, y)) for m in steps}
 
     base = adn.SkipMask.base_net(model.num_stages)
     flops = count_flops(model, base, args.resolution) / count_flops(model, None, args.resolution)

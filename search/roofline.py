@@ -190,7 +190,8 @@ def calibrate(measured: list[dict[str, Any]], target: str) -> dict[str, Any]:
     ``measured``: one entry per (model, batch, dtype), ``{"model", "batch_size", "resolution", "dtype",
     "mask_ms": {mask: ms}}``. The fit minimises the mean absolute relative error over every mask of every
     entry (a grid over both efficiencies; the launch cost, linear in the kernel count, on a fine grid).
-    Returns the fitted factors and the error per entry before (the shipped factors) and after.
+    Returns the fitted factors (``at_edge`` names any that ended on the edge of its range: a model the
+    roofline does not fit) and the error per entry before (the shipped factors) and after.
     """
     import numpy as np
 
@@ -228,7 +229,10 @@ def calibrate(measured: list[dict[str, Any]], target: str) -> dict[str, Any]:
                     best = (err, float(ce), float(me), float(launch))
     before = errors(spec.compute_efficiency, spec.memory_efficiency, spec.launch_us)
     after = errors(*best[1:])
+    edges = {"compute_efficiency": efficiencies, "memory_efficiency": efficiencies, "launch_us": launches}
+    at_edge = [k for k, v in zip(edges, best[1:], strict=True) if v in (edges[k][0], edges[k][-1])]
     return {"target": target, "compute_efficiency": best[1], "memory_efficiency": best[2], "launch_us": best[3],
+            "at_edge": at_edge,
             "shipped": {"compute_efficiency": spec.compute_efficiency, "memory_efficiency": spec.memory_efficiency,
                         "launch_us": spec.launch_us},
             "entries": [{"model": e[0]["model"], "batch_size": e[0]["batch_size"], "dtype": e[0]["dtype"],
