@@ -11,6 +11,7 @@ STUDY_EPOCHS ?= 24
 STUDY_JOBS   ?= 2
 
 .PHONY: help install test test-fast demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
+	gpu-wheels gpu-check-cpu \
 	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
 
 help:  ## list the targets
@@ -101,6 +102,12 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/latency_tables.py
 	$(PY) benchmarks/startup.py
+
+gpu-wheels: install  ## the cp312 wheels benchmarks/gpu.py needs on the GPU machine, into .whl/, checked offline
+	bash benchmarks/gpu_wheels.sh $(PY)
+
+gpu-check-cpu: install  ## benchmarks/gpu.py's code paths at tiny sizes on this CPU (OUT=dir, default runs/gpu-tiny)
+	$(PY) benchmarks/gpu.py --device cpu --tiny --out $(or $(OUT),runs/gpu-tiny)
 
 lint: install  ## ruff, and the layers and import cycles (import-linter contracts in pyproject.toml)
 	$(PY) -m ruff check adn pipeline search studies cluster tests benchmarks

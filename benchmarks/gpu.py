@@ -157,7 +157,8 @@ def make_shards(out: Path, images: int, size: tuple[int, int], classes: int = 10
     from pipeline.data.sources import SampleRef
 
     began = time.monotonic()
-    with Pool(min(os.cpu_count() or 1, 16)) as pool:
+    # The workers take SIGTERM as a plain process does, not as this run's stop.
+    with Pool(min(os.cpu_count() or 1, 16), signal.signal, (signal.SIGTERM, signal.SIG_DFL)) as pool:
         data = pool.starmap(_photo_jpeg, [(i, size) for i in range(images)])
     refs = [SampleRef(f"img_{i:06d}", i % classes, "jpg", data=d) for i, d in enumerate(data)]
     write_shards(refs, [f"c{c}" for c in range(classes)], out, "train", shard_size=max(images // 16, 8))
