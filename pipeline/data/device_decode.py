@@ -69,11 +69,15 @@ class DeviceDecoder:
         self.interpolation = InterpolationMode(data.get("interpolation", "bilinear"))
 
     def __call__(self, batch: EncodedBatch) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """An image the device cannot decode is dropped from a validation batch (it is counted, as in the
+        workers); in training another image of the batch stands in, so every rank steps on a full batch."""
         images = self._decode(batch.items)
-        kept = [i for i, image in enumerate(images) if image is not None]
-        out = torch.stack([self._finish(images[i], batch.items[i].crop) for i in kept])
-        labels = batch.labels if len(kept) == len(images) else batch.labels[kept]
-        return out, labels, [batch.keys[i] for i in kept]
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            raise ValueError(f"no image of the batch starting at {batch.keys[0]} could be decoded on {self.device}.")
+        rows = [i if images[i] is not None else good[0] for i in range(len(images))] if self.train else good
+        out = torch.stack([self._finish(images[i], batch.items[i].crop) for i in rows])
+        return out, batch.labels[rows], [batch.keys[i] for i in rows]
 
     def _decode(self, items: list[Encoded]) -> list[torch.Tensor | None]:
         jpegs = [i for i, item in enumerate(items) if item.jpeg]

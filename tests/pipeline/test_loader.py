@@ -219,6 +219,12 @@ def test_device_decoding_draws_crops_from_the_seeded_worker_streams(photo_jpegs,
         keys = [k for b in val for k in b.keys]
     assert keys == [f"img_{i:02d}" for i in range(8) if i != 3]
     assert val.bad_samples == 1 and "img_03" in caplog.text
+    # In training another image of the batch stands in: every rank steps on a full batch.
+    write_shards(refs, ["a", "b", "c"], broken, "train", shard_size=8, shuffle_seed=None)
+    train = make_loader(broken, "train", 4, "resnet_mini", num_workers=0, decode="device")
+    batches = list(train)
+    assert [b.images.shape[0] for b in batches] == [4, 4] and train.bad_samples == 1
+    assert sum(k == "img_03" for b in batches for k in b.keys) == 0
 
 
 def test_device_decoding_crops_as_random_resized_crop_and_refuses_per_image_policies(photo_jpegs):
