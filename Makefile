@@ -68,7 +68,8 @@ train-cluster: install  ## train MODEL on NODES nodes from DATA (dir or URL): LA
 # The team's services; PIDs, logs and the local PostgreSQL live in $(CLUSTER_STATE) (default .cluster/).
 MLFLOW_FLAGS = $(if $(MLFLOW_HOST),--host $(MLFLOW_HOST)) $(if $(MLFLOW_PORT),--port $(MLFLOW_PORT)) \
 	$(if $(MLFLOW_DB),--db '$(MLFLOW_DB)') $(if $(MLFLOW_ARTIFACTS),--artifacts $(MLFLOW_ARTIFACTS)) \
-	$(if $(MLFLOW_AUTH),--auth) $(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
+	$(if $(MLFLOW_AUTH),--auth) $(if $(MLFLOW_INSECURE),--insecure) \
+	$(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
 RAY_FLAGS = $(if $(RAY_NODE_IP),--node-ip $(RAY_NODE_IP)) $(if $(RAY_CPUS),--num-cpus $(RAY_CPUS)) \
 	$(if $(RAY_GPUS),--num-gpus $(RAY_GPUS)) $(if $(RAY_TEMP_DIR),--temp-dir $(RAY_TEMP_DIR))
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -183,16 +185,36 @@ class LocalPostgres:
 # -- the server -----------------------------------------------------------------------------------
 
 def _auth_config(root: Path, db_url: str, local_pg: bool) -> dict[str, str]:
-    """Environment for ``--app-name basic-auth``: our config and, at the first start, a generated admin password."""
+    """Environment for ``--app-name basic-auth``: our config, and the admin password and the Flask session key,
+    each generated at the first start and kept, readable by its owner only, in the state directory."""
     auth_db = db_url.rsplit("/", 1)[0] + "/mlflow_auth" if local_pg else f"sqlite:///{root / 'mlflow' / 'auth.db'}"
     config = root / "mlflow" / "basic_auth.ini"
     write_secret(config, (CONFIG / "basic_auth.ini").read_text().replace("{database_uri}", auth_db))
     password_file = root / "mlflow" / "admin_password"
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config)}
-    if not password_file.exists():
-        write_secret(password_file, secrets.token_urlsafe(18))
-    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password_file.read_text()
-    return env
+    key_file = root / "mlflow" / "flask_secret_key"  # signs the auth app's sessions and CSRF tokens
+    for path, make in ((password_file, lambda: secrets.token_urlsafe(18)), (key_file, lambda: secrets.token_hex(32))):
+        if not path.exists():
+            write_secret(path, make())
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": password_file.read_text(),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": key_file.read_text()}
+
+
+def error_line(log: str) -> str:
+    """The server's own last error line in its log since the last start (else its last line)."""
+    if "=== start at" in log:
+        log = log.rsplit("=== start at", 1)[1].split("\n", 1)[-1]
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"(Error|Exception)\b|error:", line)]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, it is not this machine's loopback by name
 
 
 def health(uri: str, timeout: float = 2.0) -> bool:
@@ -212,6 +234,13 @@ def start(args: argparse.Namespace) -> int:
         print(f"the MLflow server is already running at {record['uri']} (pid {record['pid']}); "
               "`make mlflow-server-stop` stops it.")
         return 0
+    if not _loopback(args.host) and not args.auth:
+        if not args.insecure:
+            raise ServiceError(f"--host {args.host} opens the server to other hosts without authentication; add "
+                               "--auth (make mlflow-server MLFLOW_AUTH=1), or --insecure (MLFLOW_INSECURE=1) on a "
+                               "trusted network.")
+        print(f"warning: the MLflow server on {args.host} takes requests from any host that reaches it, without "
+              "authentication (--insecure).", file=sys.stderr)
     if port_taken(args.host, args.port):
         raise ServiceError(f"port {args.port} on {args.host} is already taken by another program; stop it or "
                            f"choose another port (make mlflow-server MLFLOW_PORT=...).")
@@ -242,9 +271,15 @@ def start(args: argparse.Namespace) -> int:
     write_record(record_path, {"pid": proc.pid, "uri": uri, "host": args.host, "port": args.port,
                                "backend": redact(db_url), "artifacts": artifacts, "auth": args.auth,
                                "local_postgres": local_pg, "log": str(log_path)})
+    began = time.monotonic()
     if not wait_until(lambda: health(uri), args.timeout, interval_s=0.5, alive=lambda: proc.poll() is None):
+        exited = proc.poll() is not None
         stop_group(proc.pid, MARKER)
-        raise ServiceError(f"the MLflow server did not come up within {args.timeout:.0f} s (log: {log_path}):\n"
+        waited = time.monotonic() - began
+        if exited:
+            why = error_line(log_path.read_text(errors="replace"))
+            raise ServiceError(f"the MLflow server exited after {waited:.0f} s: {why} (log: {log_path})")
+        raise ServiceError(f"the MLflow server did not come up within {waited:.0f} s (log: {log_path}):\n"
                            + tail(log_path))
     print(f"MLflow server at {uri} (pid {proc.pid})\n  backend:   {redact(db_url)}\n  artifacts: {artifacts} "
           f"(proxied: clients need no storage credentials)\n  log:       {log_path}")
@@ -294,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--artifacts", help="artifact destination: a directory or s3://BUCKET/PREFIX "
                                        "(default: <state>/mlflow/artifacts)")
     s.add_argument("--auth", action="store_true", help="MLflow basic auth (admin password generated at first start)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without --auth (anyone who reaches it reads and writes runs)")
     s.add_argument("--workers", type=int, default=2, help="server worker processes")
     s.add_argument("--allowed-hosts", help="Host headers the server accepts, for a --host other than loopback")
     s.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="seconds to wait for the server")

@@ -327,6 +327,32 @@ def test_a_search_spreads_its_evaluation_over_a_two_node_ray_cluster(trained_che
 
 # -- check 5: bad input is one sentence and a non-zero exit ------------------------------------------
 
+def test_the_authenticated_server_starts_and_refuses_anonymous_requests(server: dict, tmp_path: Path) -> None:
+    """`make mlflow-server MLFLOW_AUTH=1` on the running PostgreSQL: 401 without credentials, 200 for the admin,
+    whose password and the app's session key are generated, kept and readable by their owner only."""
+    import requests
+
+    pg = json.loads((server["state"] / "postgres.json").read_text())
+    db = f"postgresql://mlflow:{pg['password']}@127.0.0.1:{pg['port']}/mlflow"
+    state, port = tmp_path / "auth", free_port()
+    done = _make("mlflow-server", f"MLFLOW_PORT={port}", "MLFLOW_AUTH=1", f"MLFLOW_DB={db}", state=state, timeout=600)
+    record = read_record(state / "mlflow" / "server.json")
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(url, timeout=30).status_code == 401
+        password = (state / "mlflow" / "admin_password").read_text()
+        assert requests.get(url, auth=("admin", password), timeout=30).status_code == 200
+        assert requests.get(url, auth=("admin", password + "x"), timeout=30).status_code == 401
+        for name in ("admin_password", "flask_secret_key"):
+            assert (state / "mlflow" / name).stat().st_mode & 0o777 == 0o600, name
+    finally:
+        stopped = _make("mlflow-server-stop", state=state)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        if record:
+            assert not group_members(record["pid"])
+
+
 def _closed_port() -> int:
     return free_port()  # nothing listens there
 
@@ -340,6 +366,15 @@ def test_mlflow_server_on_a_taken_port_is_one_sentence(tmp_path: Path) -> None:
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert _last_line(done) == (f"error: port {port} on 127.0.0.1 is already taken by another program; stop it or "
                                 "choose another port (make mlflow-server MLFLOW_PORT=...).")
+    assert not (tmp_path / "postgres").exists()  # refused before any database was made
+
+
+def test_mlflow_server_beyond_loopback_without_auth_needs_insecure(tmp_path: Path) -> None:
+    done = _make("mlflow-server", f"MLFLOW_PORT={free_port()}", "MLFLOW_HOST=0.0.0.0", state=tmp_path, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert _last_line(done) == ("error: --host 0.0.0.0 opens the server to other hosts without authentication; add "
+                                "--auth (make mlflow-server MLFLOW_AUTH=1), or --insecure (MLFLOW_INSECURE=1) on a "
+                                "trusted network.")
     assert not (tmp_path / "postgres").exists()  # refused before any database was made
 
 
