@@ -215,9 +215,21 @@ def validate(config: TrainConfig, finetune: bool = False, init_flag: str | None 
                          "rate); pass --init-from timm|PATH|mlflow:RUN_ID, or use the from-scratch recipe.")
     if config.max_steps is not None and config.max_steps < 0:
         raise ValueError(f"--max-steps must be 0 or more, got {config.max_steps}.")
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "log_every", "keep_checkpoints"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}.")
+    for flag, value in (("workers", config.workers), ("save-every-steps", config.save_every_steps),
+                        ("clip-grad", config.clip_grad_norm), ("kd-topk", config.adn.kd_topk or 0),
+                        ("feature-kd", config.adn.feature_kd)):
+        if value < 0:
+            raise ValueError(f"--{flag} must be 0 or more, got {value}.")
+    for flag, value in (("lr", config.optimizer["lr"]), ("temperature", config.adn.temperature),
+                        ("rendezvous-timeout", config.rendezvous_timeout)):
+        if not value > 0:
+            raise ValueError(f"--{flag} must be above 0, got {value}.")
+    if not 0 <= config.adn.alpha <= 1:
+        raise ValueError(f"--alpha weighs the super-net's CE against the KD and must be within 0 and 1, got "
+                         f"{config.adn.alpha}.")
     if config.channels_last and config.zero_stage == 3:
         raise ValueError("--channels-last works with --zero-stage 0 to 2; ZeRO-3 gathers each weight for its forward "
                          "in the layout it was partitioned in.")

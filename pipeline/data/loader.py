@@ -13,6 +13,7 @@ device decodes them (``pipeline.data.device_decode``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -268,15 +269,20 @@ class ShardLoader:
         return self.iterate()
 
     def iterate(self, start: int = 0) -> Iterator[Batch]:
-        """This epoch's batches from index ``start`` on: the first ``start`` are read but not normalized or mixed.
+        """This epoch's batches from index ``start`` on: the first ``start`` are read now, not normalized or mixed.
 
-        Training resumes mid-epoch this way: the stream is replayed to the same position, and the
-        main process's random state (restored by the caller after ``start`` batches) is untouched.
+        Training resumes mid-epoch this way: the stream is replayed to the same position before this
+        returns, so the caller restores the main process's random state afterwards; with no loader
+        workers the replay's augmentation draws from that state too.
         """
         batches = iter(self.loader)
-        try:
+        with self._sentences():
             for _ in itertools.islice(batches, start):
                 pass
+        return self._rest(batches)
+
+    def _rest(self, batches: Iterator[Any]) -> Iterator[Batch]:
+        with self._sentences():
             for batch in batches:
                 if self.decoder is not None:
                     images, labels, keys = self.decoder(batch)
@@ -287,8 +293,14 @@ class ShardLoader:
                 if self.mix is not None:
                     images, labels = self.mix(images, labels)
                 yield Batch(images, labels, keys)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _sentences() -> Iterator[None]:
+        """A shard read error from a DataLoader worker carries the worker's traceback: keep the sentence."""
+        try:
+            yield
         except ShardReadError as err:
-            # From a DataLoader worker the message carries the worker's traceback; keep the sentence.
             raise ShardReadError(str(err).strip().splitlines()[-1].split("ShardReadError: ")[-1]) from None
 
     @property

@@ -102,6 +102,33 @@ def test_kill_9_then_resume_ends_with_the_same_weights(reference_run: Path, digi
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_9_then_resume_is_bit_identical_with_and_without_loader_workers(digits: Path, tmp_path: Path,
+                                                                             workers: int) -> None:
+    """Without workers the loader augments in the training process, from the RNG the checkpoint restores: the
+    replay of the epoch's first batches must come before that restore, or it consumes the restored state."""
+    short = [*FAST, "--data", str(digits), "--workers", str(workers), "--max-steps", "16", "--save-every-steps",
+             "10", "--no-tracking"]
+    whole = train(*short, "--output", str(tmp_path / "whole"), cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *short, "--output", str(out)], cwd=tmp_path,
+                            env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and latest.read_text().strip() == "step000000010"
+    resumed = train(*short, "--output", str(out), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = load_file(tmp_path / "whole" / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+
+@pytest.mark.slow
 def test_sigusr1_checkpoints_at_the_next_step_and_the_resumed_run_is_bit_identical(
         reference_run: Path, digits: Path, tmp_path: Path) -> None:
     """SLURM's warning before a time limit (``sbatch --signal=USR1@120``): the step finishes, a checkpoint is
@@ -232,10 +259,20 @@ def test_existing_run_needs_resume(reference_run: Path, digits: Path) -> None:
     (["--model", "resnet_mini", "--data", "/nonexistent"], "/nonexistent"),
     (["--model", "no_such_model", "--data", "."], "no_such_model"),
     (["--model", "resnet_mini", "--data", ".", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    # Numbers out of range: each one sentence, before anything is written.
+    (["--model", "resnet_mini", "--data", ".", "--epochs", "0"], "--epochs must be at least 1, got 0."),
+    (["--model", "resnet_mini", "--data", ".", "--batch-size", "0"], "--batch-size must be at least 1, got 0."),
+    (["--model", "resnet_mini", "--data", ".", "--log-every", "0"], "--log-every must be at least 1, got 0."),
+    (["--model", "resnet_mini", "--data", ".", "--workers", "-1"], "--workers must be 0 or more, got -1."),
+    (["--model", "resnet_mini", "--data", ".", "--alpha", "1.5"], "must be within 0 and 1, got 1.5."),
+    (["--model", "resnet_mini", "--data", ".", "--lr", "0"], "--lr must be above 0, got 0.0."),
 ])
 def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Path, tmp_path: Path) -> None:
     args = [str(digits) if a == "." else a for a in args]
+    began = time.monotonic()
     done = train(*args, "--output", str(tmp_path / "run"), cwd=tmp_path, timeout=120)
+    assert time.monotonic() - began < 5 or "unreachable" in message
+    assert not (tmp_path / "run").exists()
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
