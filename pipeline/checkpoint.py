@@ -40,6 +40,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used: unsafe, damaged, or none complete."""
 
 
+class NeverSaved(CheckpointError):
+    """The run's first save was interrupted: its tags hold partial files and no checkpoint was ever complete."""
+
+
 def step_tag(step: int) -> str:
     return f"step{step:09d}"
 
@@ -143,10 +147,13 @@ def find_checkpoint(path: str | Path) -> Found:
         tags = _step_tags(directory) if directory.is_dir() else []
         if not tags:
             continue
-        if not _has_markers(directory):  # written before markers existed
+        if not _has_markers(directory):  # written before markers existed (those always have 'latest')
             latest = (directory / "latest").read_text().strip() if (directory / "latest").is_file() else ""
             if latest and (directory / latest).is_dir():
                 return Found(directory, latest)
+            if not (directory / "latest").exists():
+                raise NeverSaved(f"{str(directory)!r} holds only the partial files of an interrupted first save "
+                                 f"({', '.join(tags)}): no checkpoint of this run was ever complete")
             raise CheckpointError(f"{str(directory)!r} holds checkpoints but no readable 'latest' and no "
                                   f"{MARKER}; pass the tag directory to resume from.")
         skipped = []

@@ -6,8 +6,10 @@ driver) end the process where it stands: runs stayed RUNNING for ever and partia
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -41,6 +43,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum = 0
+        self._waiting = False
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -49,6 +52,30 @@ class StopRequest:
 
     def _request(self, signum: int, frame: Any) -> None:
         self.signum = self.signum or signum
+        if self._waiting:
+            self._waiting = False
+            raise StopWaiting(signum)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A wait for data (a stalled storage server can block it for minutes): a stop signal raises
+        ``StopWaiting`` here at once instead of at the next step. Enter it after the loader's workers
+        are forked, so they keep only the flag."""
+        if self.signum:
+            raise StopWaiting(self.signum)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+
+class StopWaiting(Exception):
+    """A stop signal arrived while the training waited for its next batch."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class Preempted(Exception):

@@ -31,6 +31,7 @@ from .checkpoint import (
     CHECKPOINTS,
     CheckpointError,
     DiskFull,
+    NeverSaved,
     disk_full,
     find_checkpoint,
     guard_loads,
@@ -44,13 +45,14 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import make_loader
+from .data.storage import ShardReadError
 from .distributed import setup_distributed
 from .evaluate import Accuracy, evaluate
 from .init_from import InitSource
 from .init_from import build as build_from
 from .optim import build_optimizer, build_scheduler
 from .precision import WEIGHT_DTYPES, autocast, is_cnn, resolve_precision, use_channels_last
-from .signals import Preempted, StopRequest
+from .signals import Preempted, StopRequest, StopWaiting
 from .step import TrainStep
 from .tracking import Tracker
 
@@ -190,6 +192,7 @@ class Trainer:
         self._step_time_logged = 0.0
         self.data_report: dict[str, int] = {}  # evaluated and skipped samples at the last evaluation
         self._bad_seen = {"train": 0, "val": 0}
+        self.saved_step: int | None = None  # the step of the newest checkpoint this run wrote or resumed
 
     # -- state ---------------------------------------------------------------------------------
     def resume(self, path: Path) -> dict[str, Any]:
@@ -198,6 +201,7 @@ class Trainer:
         if self.rank == 0:
             print(found.describe(), file=sys.stderr, flush=True)
         loaded, client = self.engine.load_checkpoint(str(directory), tag=tag)
+        self.saved_step = self.engine.global_steps
         if loaded is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {tag!r} from {str(directory)!r}.")
         saved = client["config"]
@@ -212,6 +216,7 @@ class Trainer:
 
     def save(self, epoch_done: bool) -> None:
         step = self.engine.global_steps
+        self.saved_step = step
         run_id = self.tracker.run_id if self.tracker else None
         client = {"config": self.record, "rng": rng_state(), "mlflow_run_id": run_id,
                   "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -259,7 +264,11 @@ class Trainer:
         cfg, rank0 = self.cfg, self.rank == 0
         client: dict[str, Any] = {}
         if cfg.resume is not None:
-            client = self.resume(Path(cfg.resume or self.output))
+            try:
+                client = self.resume(Path(cfg.resume or self.output))
+            except NeverSaved as err:  # killed in its first save: there is nothing to continue
+                if rank0:
+                    print(f"{err}; starting from scratch.", file=sys.stderr, flush=True)
             self.history = {k: {m: Accuracy(**a) for m, a in v.items()} for k, v in client.get("history", {}).items()}
             self.epoch_log = list(client.get("epoch_log", []))
         if rank0:
@@ -327,7 +336,8 @@ class Trainer:
             window: dict[str, float] = {}
             window_steps, window_start = 0, time.perf_counter()
             step = epoch * self.steps_per_epoch + start
-            for _, batch in zip(range(start, stop), batches, strict=False):
+            for _ in range(start, stop):
+                batch = self._next_batch(batches, step)
                 step_start, cpu_start = time.perf_counter(), time.process_time()
                 losses = self.step_fn(self.engine, self.inputs(batch.images), batch.labels)
                 if self.ema is not None:
@@ -361,6 +371,27 @@ class Trainer:
                         self.save(epoch_done=False)
                     raise Preempted(signum, step, step_tag(step))
         return step
+
+    def _next_batch(self, batches: Iterator[Any], step: int) -> Any:
+        """The next training batch. In a one-rank run a stop signal while it is awaited, or a shard that
+        cannot be read, ends the run with a checkpoint at ``step``; with several ranks a rank cannot save
+        alone (the others wait in the step's collectives), so there the run stops at a step's end."""
+        if self.world > 1:
+            return next(batches)
+        try:
+            with self.stop.waiting():
+                return next(batches)
+        except StopWaiting as err:
+            self._checkpoint(step)
+            raise Preempted(err.signum, step, step_tag(step)) from None
+        except ShardReadError as err:
+            self._checkpoint(step)
+            raise ShardReadError(f"{err} Checkpoint {step_tag(step)} is complete: resume with --resume once the "
+                                 "storage answers.") from None
+
+    def _checkpoint(self, step: int) -> None:
+        if self.saved_step != step:
+            self.save(epoch_done=False)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of images as the network takes them: the weights' dtype, channels-last where the run is."""

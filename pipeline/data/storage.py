@@ -7,7 +7,8 @@ body with boto3 (an opener added to WebDataset's ``gopen`` table; credentials, p
 ``AWS_ENDPOINT_URL`` for S3-compatible stores work as for the AWS CLI). Shards are streamed, never
 copied to local disk. A shard that fails in transit is opened again with backoff and the samples
 already delivered are skipped, so a retry changes nothing downstream; one that keeps failing is an
-error naming its URL.
+error naming its URL. A server that stops sending (stalled, not dead) fails the attempt after
+``ADN_SHARD_STALL_S`` seconds without a byte (default 60), as a broken connection would.
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ from .errors import DataError
 
 log = logging.getLogger(__name__)
 
-RETRIES = 3  # attempts after the first, with backoff 1, 2, 4 s (curl retries transient HTTP errors itself)
+RETRIES = 3  # attempts after the first, with backoff 1, 2, 4 s
 MANIFEST_TIMEOUT_S = 120
+
+
+def stall_timeout_s() -> float:
+    """Seconds a shard's transfer may deliver nothing before the attempt fails (``ADN_SHARD_STALL_S``)."""
+    value = os.environ.get("ADN_SHARD_STALL_S", "60")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise DataError(f"ADN_SHARD_STALL_S must be a number of seconds above 0, got {value!r}.")
+    return seconds
 
 
 class ShardReadError(DataError):
@@ -44,8 +57,11 @@ def _s3_client() -> Any:
     """One boto3 S3 client per process (clients are not fork-safe; DataLoader workers are forks)."""
     if os.getpid() not in _CLIENTS:
         import boto3
+        from botocore.config import Config
 
-        _CLIENTS[os.getpid()] = boto3.session.Session().client("s3")
+        # A read that gets nothing for the stall timeout fails, as a stalled curl transfer does.
+        config = Config(connect_timeout=10, read_timeout=stall_timeout_s())
+        _CLIENTS[os.getpid()] = boto3.session.Session().client("s3", config=config)
     return _CLIENTS[os.getpid()]
 
 
@@ -79,11 +95,22 @@ def open_s3(url: str, mode: str = "rb", bufsize: int = 8192) -> _S3Body:
     return _S3Body(url)
 
 
+def open_http(url: str, mode: str = "rb", bufsize: int = 8192) -> Any:
+    """WebDataset opener for ``http(s)://``: its curl pipe, failing when a transfer stalls (our retries follow)."""
+    from webdataset.gopen import Pipe
+
+    if mode[0] != "r":
+        raise ValueError(f"{url}: http(s) shards are read here.")
+    stall = max(1, round(stall_timeout_s()))
+    return Pipe(["curl", "-f", "-s", "-L", "--connect-timeout", "10", "--speed-limit", "1", "--speed-time",
+                 str(stall), url], mode=mode, bufsize=bufsize, ignore_status=[141, 23])
+
+
 def open_url(url: str) -> Any:
     """A byte stream of a shard at ``url`` (a path, http(s)://, s3:// or pipe:), through WebDataset's ``gopen``."""
     from webdataset.gopen import gopen, gopen_schemes
 
-    gopen_schemes.setdefault("s3", open_s3)
+    gopen_schemes.update(s3=open_s3, http=open_http, https=open_http)
     return gopen(url)
 
 
@@ -182,7 +209,7 @@ def parse_location(data: str | os.PathLike[str] | Location) -> Location:
 # What curl's exit statuses mean (man curl, EXIT CODES), for messages a user can act on.
 _CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the server",
               18: "the transfer ended early", 22: "the server answered with an HTTP error such as 404",
-              28: "the operation timed out", 35: "the TLS handshake failed",
+              28: "the transfer stalled or timed out", 35: "the TLS handshake failed",
               52: "the server sent nothing", 56: "the connection failed while receiving data"}
 
 

@@ -152,3 +152,18 @@ def test_a_full_disk_while_saving_removes_the_partial_files_and_keeps_the_last_c
                      "--max-steps", "20", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == 20
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_in_the_first_save_starts_from_scratch(digits: Path, tmp_path: Path) -> None:
+    """SLURM's requeue adds --resume; a job killed in its first save had no way forward."""
+    out = tmp_path / "run"
+    partial = out / "checkpoints" / "step000000010"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)  # what the kill left: no marker, no latest
+    done = train(*FAST, "--data", str(digits), "--output", str(out), "--max-steps", "2", "--resume",
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"{str(out / 'checkpoints')!r} holds only the partial files of an interrupted first save "
+            "(step000000010): no checkpoint of this run was ever complete; starting from scratch.") in done.stderr
+    assert (out / "weights.safetensors").is_file()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import http.server
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -179,3 +181,62 @@ def test_a_shard_that_keeps_failing_names_its_url(tmp_path: Path) -> None:
 
     with pytest.raises(ShardReadError, match=r"shard false /x.tar could not be read \(3 attempts, last: false exited"):
         list(shard_samples("pipe:false /x.tar", never, retries=2, backoff_s=0.01))
+
+
+@pytest.mark.slow
+def test_a_stalled_server_ends_training_with_a_checkpoint_and_sigterm_stops_the_wait(digits: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A SIGSTOPped http.server (alive, silent) hung training for ever and SIGTERM did nothing: a stalled
+    transfer now fails its attempt after ADN_SHARD_STALL_S, the retries follow, and the run ends with one
+    sentence and a complete checkpoint; a stop signal during the wait stops the run at once, with a checkpoint."""
+    require("curl")
+    from ..conftest import FAST
+    from ..daemons import free_port, stop, wait_for
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
+                               str(digits)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/train.json"],
+                                        capture_output=True).returncode == 0, 20, "http.server")
+
+        def stalled_run(name: str, stall_s: int) -> tuple[subprocess.Popen, Path]:
+            out = tmp_path / name
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *FAST, "--data",
+                                     f"http://127.0.0.1:{port}", "--output", str(out), "--save-every-steps", "2",
+                                     "--no-tracking"], env=train_env(ADN_SHARD_STALL_S=str(stall_s)),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: (out / "checkpoints" / "latest").exists() or proc.poll() is not None, 300, "a checkpoint")
+            server.send_signal(signal.SIGSTOP)
+            return proc, out
+
+        proc, out = stalled_run("failed", 2)
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=300)
+        server.send_signal(signal.SIGCONT)
+        # 4 attempts of 2 s without a byte and 1 + 2 + 4 s of backoff, once the buffered batches are used up.
+        assert proc.returncode == 2 and time.monotonic() - began < 120, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        tag = (out / "checkpoints" / "latest").read_text().strip()
+        assert line.startswith(f"error: shard http://127.0.0.1:{port}/train-") and "(4 attempts, last: curl exited " \
+            "with status 28: the transfer stalled or timed out)" in line, line
+        assert line.endswith(f"Checkpoint {tag} is complete: resume with --resume once the storage answers."), line
+
+        proc, out = stalled_run("stopped", 600)
+        steps = out / "checkpoints"
+        seen, quiet_since = set(), time.monotonic()
+        while time.monotonic() - quiet_since < 5:  # no new checkpoint for 5 s: it waits on the stalled server
+            now = {p.name for p in steps.glob("step*")}
+            if now - seen:
+                seen, quiet_since = now, time.monotonic()
+            assert proc.poll() is None
+            time.sleep(0.2)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - began < 15, err[-3000:]
+        tag = (steps / "latest").read_text().strip()
+        assert f"stopped by SIGTERM at step {int(tag.removeprefix('step'))}; checkpoint {tag} is complete" in err
+    finally:
+        server.send_signal(signal.SIGCONT)
+        stop(server)
