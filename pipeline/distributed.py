@@ -150,6 +150,25 @@ def _reachable(host: str, port: int, timeout_s: float) -> OSError | None:
         time.sleep(0.5)
 
 
+_LISTENERS: list[socket.socket] = []  # the rendezvous sockets, open for the process's life
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """The rendezvous store's listening socket, bound to the master address only (torch's binds every interface)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as err:
+        sock.close()
+        raise ClusterError(f"the rendezvous cannot listen on {address}:{port} ({err.strerror}); choose another "
+                           "MASTER_PORT.") from None
+    sock.listen(socket.SOMAXCONN)
+    _LISTENERS.append(sock)
+    return sock
+
+
 def rendezvous(backend: str, rank: int, world_size: int, master_addr: str, master_port: int,
                timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> None:
     """``init_process_group`` through a TCPStore whose connect and wait are bounded by ``timeout_s``.
@@ -173,9 +192,11 @@ def rendezvous(backend: str, rank: int, world_size: int, master_addr: str, maste
                                "address on the cluster network, that node 0 started and the port is open, and "
                                "GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME.")
     remaining = max(timeout_s - (time.monotonic() - started), 1.0)
+    listen_fd = _listen(master_ip, master_port).fileno() if rank == 0 else None
     try:
         store = torch.distributed.TCPStore(master_ip, master_port, world_size, is_master=rank == 0,
-                                           timeout=timedelta(seconds=remaining), wait_for_workers=True)
+                                           timeout=timedelta(seconds=remaining), wait_for_workers=True,
+                                           master_listen_fd=listen_fd)
     except (torch.distributed.DistError, RuntimeError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ClusterError(f"rank {rank}: the rendezvous at {master_ip}:{master_port} failed ({detail}); check that "

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--pareto", metavar="DIR", help="a search.pareto output: take the best front mask within "
                                                       "--max-latency-ms")
     p.add_argument("--max-latency-ms", type=float, help="latency budget for --pareto")
+    p.add_argument("--fastest-if-none", action="store_true",
+                   help="with --pareto: take the fastest front mask when none fits the budget (default: refuse)")
     p.add_argument("--format", choices=list(FORMATS), help="default: from the --out extension (.safetensors, .pt, "
                    ".onnx, .pt2); torchscript is deprecated in PyTorch 2, pt2 (torch.export) replaces it")
     p.add_argument("--out", required=True, help="file to write")
@@ -53,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.pareto:
             if args.max_latency_ms is None:
                 raise ValueError("--pareto needs --max-latency-ms, the budget to pick the mask for.")
-            mask = DepthSelector.from_file(args.pareto).select(args.max_latency_ms)
+            selector = DepthSelector.from_file(args.pareto)
+            fastest = selector.front[0]
+            if args.max_latency_ms < fastest.latency_ms and not args.fastest_if_none:
+                raise ValueError(f"no front mask fits {args.max_latency_ms:g} ms: the fastest, {fastest.mask}, takes "
+                                 f"{fastest.latency_ms:.3g} ms; raise --max-latency-ms, or pass --fastest-if-none.")
+            mask = selector.select(args.max_latency_ms)
             report = Path(args.pareto) / "pareto.json" if Path(args.pareto).is_dir() else Path(args.pareto)
             checkpoint = checkpoint or json.loads(report.read_text()).get("weights")
         elif args.max_latency_ms is not None:

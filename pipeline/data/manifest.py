@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import DataError
@@ -51,6 +51,23 @@ class Manifest:
             out.append(total)
             total += s.num_samples
         return out
+
+
+#: The least a tar'd sample takes: two members (image and label), each a 512-byte header and one block.
+MIN_SAMPLE_BYTES = 2 * (512 + 512)
+
+
+def _shard_problem(s: ShardInfo) -> str | None:
+    """What makes a manifest's shard entry unusable: a name that leaves the location, or impossible counts."""
+    path = PurePosixPath(s.name) if isinstance(s.name, str) else None
+    if path is None or not s.name or path.is_absolute() or ".." in path.parts or "\\" in s.name:
+        return "a name that is not a plain relative path under the location"
+    if not isinstance(s.num_samples, int) or not isinstance(s.bytes, int) or s.num_samples < 1 or s.bytes < 1:
+        return f"{s.num_samples} samples in {s.bytes} bytes (both must be whole numbers above 0)"
+    if s.num_samples * MIN_SAMPLE_BYTES > s.bytes:
+        return (f"{s.num_samples} samples in {s.bytes} bytes (a sample takes at least {MIN_SAMPLE_BYTES} bytes of "
+                "tar)")
+    return None
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -108,6 +125,9 @@ def read_manifest(location: str | os.PathLike[str] | Location, split: str, verif
         raise DataError(f"manifest {where!r} is not a valid shard manifest: {err}.") from err
     if not shards:
         raise DataError(f"manifest {where!r} lists no shards.")
+    for s in shards:
+        if problem := _shard_problem(s):
+            raise DataError(f"manifest {where!r} lists shard {s.name!r} with {problem}; rewrite the shards.")
     if sum(s.num_samples for s in shards) != manifest.num_samples:
         raise DataError(f"manifest {where!r} says {manifest.num_samples} samples but its shards add up to "
                         f"{sum(s.num_samples for s in shards)}; rewrite the shards.")

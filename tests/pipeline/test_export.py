@@ -123,3 +123,18 @@ def test_calibrated_export_carries_statistics_from_the_training_images(digits: P
     code, _, stderr = _export(capsys, "--checkpoint", str(weights), "--mask", "FFTF", "--calibrate-norms", "200",
                               "--out", str(out))
     assert code == 2 and "--calibrate-norms takes a positive image count and --data" in stderr
+
+
+def test_a_budget_no_front_mask_meets_is_refused_unless_the_fastest_is_asked_for(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    weights = save_weights(adn.create_model("resnet_mini", num_classes=10), tmp_path / "w.safetensors",
+                           model_name="resnet_mini", classes=CLASSES, resolution=32)
+    front = [{"mask": "TTTT", "acc1": 0.8, "latency_ms": 1.2}, {"mask": "FFFF", "acc1": 0.95, "latency_ms": 3.0}]
+    (tmp_path / "pareto.json").write_text(json.dumps({"front": front, "weights": str(weights)}))
+    pick = ["--pareto", str(tmp_path), "--max-latency-ms", "0.01", "--out", str(tmp_path / "slim.pt")]
+    code, _, stderr = _export(capsys, *pick)
+    assert code == 2 and stderr == ("error: no front mask fits 0.01 ms: the fastest, TTTT, takes 1.2 ms; raise "
+                                    "--max-latency-ms, or pass --fastest-if-none.\n")
+    assert not (tmp_path / "slim.pt").exists()
+    code, stdout, _ = _export(capsys, *pick, "--fastest-if-none")
+    assert code == 0 and "resnet_mini under TTTT" in stdout

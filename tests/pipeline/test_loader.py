@@ -240,3 +240,27 @@ def test_device_decoding_crops_as_random_resized_crop_and_refuses_per_image_poli
         make_loader(photo_jpegs, "train", 4, "vit_b16", decode="device")
     with pytest.raises(ValueError, match="decode must be one of workers, device"):
         make_loader(photo_jpegs, "val", 4, "resnet50", decode="gpu")
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda m: m.update(num_samples=-5), "says -5 samples but its shards add up to"),
+    (lambda m: m["shards"][0].update(num_samples=-400) or m.update(num_samples=m["num_samples"] - 800),
+     "with -400 samples in"),
+    (lambda m: m["shards"][0].update(num_samples=10**12) or m.update(num_samples=m["num_samples"] + 10**12),
+     "(a sample takes at least 2048 bytes of tar)"),
+    (lambda m: m["shards"][0].update(name="../digits/val-000001.tar"), "a name that is not a plain relative path"),
+    (lambda m: m["shards"][0].update(name="/etc/passwd"), "a name that is not a plain relative path"),
+])
+def test_a_crafted_manifest_is_one_sentence_before_any_shard_is_read(change, problem: str, digits_dir,
+                                                                     tmp_path) -> None:
+    import json
+    import shutil
+
+    for f in digits_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    manifest = json.loads((tmp_path / "val.json").read_text())
+    change(manifest)
+    (tmp_path / "val.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as err:
+        make_loader(tmp_path, "val", 8)
+    assert problem in str(err.value) and str(err.value).count("\n") == 0
