@@ -10,12 +10,13 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CHECKPOINTS
+from .checkpoint import CHECKPOINTS, NeverSaved, find_checkpoint
 from .data import read_manifest
 from .data.storage import parse_location
 from .distributed import RENDEZVOUS_TIMEOUT_S
@@ -254,6 +255,10 @@ def preflight(config: TrainConfig, check_tracking: bool = True, notes: bool = Tr
         check_reachable(resolve_tracking_uri(config.tracking_uri))
     if config.resume == "" and not (Path(config.output) / CHECKPOINTS).exists():
         raise FileNotFoundError(f"--resume: {config.output!r} holds no checkpoints; pass --output or a PATH.")
+    if config.resume is not None:  # what --resume names is checked now, not after the engine's start-up
+        with contextlib.suppress(NeverSaved):  # the run starts from scratch and says so
+            find_checkpoint(config.resume or config.output)
+
     init = None
     if config.init_from and config.resume is None:  # every rank reads the weights itself (norm buffers too)
         from .init_from import resolve as resolve_init

@@ -266,6 +266,8 @@ def test_existing_run_needs_resume(reference_run: Path, digits: Path) -> None:
     (["--model", "resnet_mini", "--data", ".", "--workers", "-1"], "--workers must be 0 or more, got -1."),
     (["--model", "resnet_mini", "--data", ".", "--alpha", "1.5"], "must be within 0 and 1, got 1.5."),
     (["--model", "resnet_mini", "--data", ".", "--lr", "0"], "--lr must be above 0, got 0.0."),
+    # A bad --resume PATH is found before the engine starts, not after it.
+    (["--model", "resnet_mini", "--data", ".", "--resume", "/nonexistent"], "no DeepSpeed checkpoint to resume in"),
 ])
 def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Path, tmp_path: Path) -> None:
     args = [str(digits) if a == "." else a for a in args]
