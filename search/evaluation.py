@@ -9,10 +9,13 @@ Only ``EvalWorker`` itself loads torch: a Tune trial that calls ``run_pass`` sta
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.data import DataError
 
 from .counts import PassResult
 
@@ -92,12 +95,30 @@ def start_eval_workers(weights: Path, data: str, batch_size: int, max_samples: i
     return workers
 
 
+def shard_error(err: BaseException) -> DataError | None:
+    """The unreadable shard behind a Ray or Ray Tune error (a worker's traceback, a failed trial), as the one
+    sentence training gives; None when the error is something else."""
+    seen, texts = set(), []
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    found = re.findall(r"ShardReadError: (.+)", "\n".join(texts))
+    return DataError(found[-1].strip()) if found else None
+
+
 def run_pass(workers: list[Any], split: str, masks: list[str]) -> tuple[PassResult, dict[str, Any]]:
     """One pass over ``split`` for ``masks``, cut over ``workers``: the summed counts and what the pass cost."""
     import ray
 
     start = time.perf_counter()
-    parts = ray.get([w.run.remote(split, masks) for w in workers])
+    try:
+        parts = ray.get([w.run.remote(split, masks) for w in workers])
+    except Exception as err:
+        found = shard_error(err)
+        if found is None:
+            raise
+        raise found from None
     total = parts[0]
     for part in parts[1:]:
         total = total.merge(part)

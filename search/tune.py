@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.data.storage import parse_location
 
+from .evaluation import shard_error
 from .front import Candidate, pareto_front
 from .ray_client import connect
 from .tables import predict
@@ -84,7 +85,7 @@ def _collect(grid: Any, table: dict[str, Any]) -> tuple[dict[str, dict[str, Any]
     """Each distinct mask's result, each pass's statistics, and trials per Ray node, from Tune's results."""
     errors = [r.error for r in grid if r.error]
     if errors:
-        raise RuntimeError(f"{len(errors)} trials failed; the first with: {errors[0]}")
+        raise shard_error(errors[0]) or RuntimeError(f"{len(errors)} trials failed; the first with: {errors[0]}")
     results: dict[str, dict[str, Any]] = {}
     passes, nodes = [], {}
     for r in grid:
@@ -138,7 +139,7 @@ def run_search(weights: Path, data: str, table: dict[str, Any], num_bits: int, s
     try:
         grid = tuner.fit()
     except Exception as err:  # fail_fast: Tune raises on the first failed trial
-        raise RuntimeError(f"the Ray Tune search stopped: {err}") from err
+        raise shard_error(err) or RuntimeError(f"the Ray Tune search stopped: {err}") from err
     wall = time.perf_counter() - start
     bar.close()
     results, passes, nodes = _collect(grid, table)

@@ -49,3 +49,23 @@ def test_off_the_main_thread_it_changes_no_handler() -> None:
     thread.start()
     thread.join(10)
     assert not errors and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_unreadable_shard_behind_a_ray_error_is_the_sentence_training_gives() -> None:
+    """A search whose data server died printed Ray's traceback; the worker's ShardReadError is the message."""
+    from ray.exceptions import RayTaskError
+
+    from pipeline.data.storage import ShardReadError
+    from search.evaluation import shard_error
+
+    sentence = ("shard http://127.0.0.1:9/val-000001.tar could not be read (4 attempts, last: curl exited with "
+                "status 7: could not connect to the server); check that it exists and the storage is reachable.")
+    try:
+        raise ShardReadError(sentence)
+    except ShardReadError as cause:
+        import traceback
+
+        wrapped = RayTaskError("EvalWorker.run", traceback.format_exc(), cause).as_instanceof_cause()
+    assert str(shard_error(wrapped)) == sentence
+    assert str(shard_error(RuntimeError(f"the Ray Tune search stopped: {wrapped}"))) == sentence
+    assert shard_error(RuntimeError("something else")) is None
