@@ -87,11 +87,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def ensure_experiment(client: Any, name: str) -> str:
-    """The experiment's id, created if needed, marked as model training for the UI."""
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the database file (MLflow would
+    use ./mlruns of whatever directory the command runs in); None for other stores, which decide."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
+def ensure_experiment(client: Any, name: str, uri: str = "") -> str:
+    """The experiment's id, created if needed (artifacts per ``artifact_root``), marked as model training."""
     found = client.get_experiment_by_name(name)
     if found is None:
-        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        return client.create_experiment(name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND)
     for key, value in EXPERIMENT_KIND.items():
         if found.tags.get(key) != value:
             client.set_experiment_tag(found.experiment_id, key, value)
@@ -160,7 +168,7 @@ class Tracker:
                 self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
-                self.experiment_id = ensure_experiment(self.client, experiment)
+                self.experiment_id = ensure_experiment(self.client, experiment, self.uri)
                 self.run_id = self.client.create_run(self.experiment_id, run_name=run_name,
                                                      tags=dict(tags or {})).info.run_id
         except Exception as err:  # the store itself is broken: fail at start, with what was tried

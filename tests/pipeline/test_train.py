@@ -323,6 +323,20 @@ def _steps(tracker) -> list[int]:
     return [m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss_ce")]
 
 
+def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path: Path, monkeypatch) -> None:
+    """With --tracking-uri sqlite:///... artifacts went to ./mlruns of whatever directory the command ran in."""
+    from pipeline.tracking import Tracker
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "note.txt").write_text("x")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "adn-artifacts", "run")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.finish()
+    assert list((tmp_path / "store" / "mlruns").rglob("note.txt"))
+    assert not (tmp_path / "elsewhere" / "mlruns").exists()
+
+
 def test_tracking_outage_is_bridged_and_reported(tmp_path: Path, caplog) -> None:
     """Metrics logged while the store is down are queued, never block the caller, and arrive when it is back."""
     tracker, state = _flaky_store(tmp_path)
