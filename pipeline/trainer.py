@@ -321,6 +321,8 @@ class Trainer:
         finally:
             if replicas is not None:
                 replicas.close()
+            for loader in (self.train_loader, self.val_loader):
+                loader.close()
         return self.finish()
 
     def train_epoch(self, epoch: int, start: int, rng: dict[str, Any] | None, replicas: Any) -> int:

@@ -261,6 +261,7 @@ class ShardLoader:
         self.loader, self.num_batches, self.manifest, self._bad, self._seeds = (
             loader, num_batches, manifest, bad, seeds)
         self.normalize, self.mix, self.device, self.decoder = normalize, mix, device, decoder
+        self._active: Any = None  # the DataLoader iterator of the epoch being read
 
     def __len__(self) -> int:
         return self.num_batches
@@ -275,7 +276,7 @@ class ShardLoader:
         returns, so the caller restores the main process's random state afterwards; with no loader
         workers the replay's augmentation draws from that state too.
         """
-        batches = iter(self.loader)
+        batches = self._active = iter(self.loader)
         with self._sentences():
             for _ in itertools.islice(batches, start):
                 pass
@@ -293,6 +294,29 @@ class ShardLoader:
                 if self.mix is not None:
                     images, labels = self.mix(images, labels)
                 yield Batch(images, labels, keys)
+
+    def close(self) -> None:
+        """Stop the workers of the epoch being read, and what they started (a stalled transfer's curl), now.
+
+        A worker keeps running through SIGTERM (its inherited handler only sets the stop flag, so that a
+        signal to the whole process group cannot end it mid-batch), so a run that stops kills them here.
+        """
+        import psutil
+
+        active, self._active = self._active, None
+        workers = [w for w in getattr(active, "_workers", []) if w.is_alive()]
+        if getattr(active, "_worker_pids_set", False):  # else torch's SIGCHLD handler calls the kill a failure
+            from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+            _remove_worker_pids(id(active))
+            active._worker_pids_set = False
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(worker.pid).children(recursive=True):
+                    child.kill()
+            worker.kill()
+        for worker in workers:
+            worker.join(timeout=5)
 
     @staticmethod
     @contextlib.contextmanager

@@ -249,6 +249,9 @@ def _read_shard(url: str, on_bad_member: Callable[[Exception], bool]) -> Iterato
         yield from group_by_keys(files, handler=handler)
         complete = True
     finally:
+        proc = getattr(stream, "proc", None)
+        if not complete and proc is not None and proc.poll() is None:
+            proc.kill()  # an abandoned read (a retry, a stop): closing would wait for a stalled transfer to end
         try:
             stream.close()  # a pipe raises here when its command failed after the last byte
         except OSError as err:
