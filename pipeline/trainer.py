@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -100,6 +101,17 @@ def _full_weights(model: torch.nn.Module, zero_stage: int) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def release(err: BaseException) -> None:
+    """Drop the frames of a failed write: its open files keep the removed partial files' blocks in use, so the
+    free space reported would not be what the disk has once the run ends."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+    gc.collect()
 
 
 def _weights_hash(model: torch.nn.Module) -> str:
@@ -233,6 +245,7 @@ class Trainer:
             if not disk_full(err, self.ckpt_dir, need):
                 raise
             shutil.rmtree(self.ckpt_dir / tag, ignore_errors=True)  # the partial files would keep the disk full
+            release(err)
             raise DiskFull(self.ckpt_dir, f"checkpoint {tag}", need, estimated) from err
         torch.distributed.barrier()  # every rank's files are written
         if self.rank == 0:
@@ -246,6 +259,7 @@ class Trainer:
                     need *= 2 if self.ema is not None else 1
                     if not disk_full(err, self.output, need):
                         raise
+                    release(err)
                     raise DiskFull(self.output, WEIGHTS_NAME, need, True) from err
         torch.distributed.barrier()
 

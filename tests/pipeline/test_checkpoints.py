@@ -146,6 +146,9 @@ def test_a_full_disk_while_saving_removes_the_partial_files_and_keeps_the_last_c
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step000000010"]
     assert (out / "checkpoints" / "latest").read_text() == "step000000010"
     assert shutil.disk_usage(small_disk).free > 3 * 2**20, "the partial files are gone"
+    # What it said was free is what the disk has (it said 0.0 MiB while the failed writer held the removed files).
+    said = float(last.split(" MiB and ")[1].split(" MiB are free")[0])
+    assert said == pytest.approx(shutil.disk_usage(small_disk).free / 2**20, abs=0.5), last
     # Space freed (the tmpfs grown): the run resumes from the intact checkpoint and finishes.
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     resumed = train(*FAST, "--data", str(digits), "--output", str(out), "--save-every-steps", "10",

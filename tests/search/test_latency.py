@@ -236,7 +236,8 @@ def test_two_searches_measuring_at_once_share_one_checked_table(user_luts: Path,
 
 
 def test_unknown_target_lists_the_available_ones() -> None:
-    with pytest.raises(TableError, match="unknown target 'a200'; available: a100, h100, h200, jetson-orin, l4, t4, v100"):
+    with pytest.raises(TableError,
+                       match="unknown target 'a200'; available: a100, h100, h200, jetson-orin, l4, t4, v100"):
         resolve("a200", "resnet50", 1, 224)
 
 
