@@ -132,3 +132,28 @@ def first_epoch(digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "--no-tracking")
 
     return once(tmp_path_factory, "first-epoch", make) / "run"
+
+
+@pytest.fixture(scope="session")
+def deepspeed_world():
+    """A one-rank gloo world for in-process DeepSpeed engines (DS_ACCELERATOR=cpu), once per test process:
+    DeepSpeed keeps the first process group it saw, so a second world in one process fails."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k, None) for k in names}
+    import torch
+
+    from pipeline.distributed import setup_distributed
+
+    setup_distributed()  # what a plain `python -m pipeline.train` does: one rank on a free loopback port
+    for k, v in saved.items():  # the group stays; of the variables it set only LOCAL_RANK, which DeepSpeed
+        if k == "LOCAL_RANK":    # reads at every initialize, stays for later tests
+            continue
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    import deepspeed
+
+    yield deepspeed
+    torch.distributed.destroy_process_group()

@@ -17,7 +17,7 @@ from pipeline.config import parse_args, resolve_config
 from pipeline.precision import WEIGHT_DTYPES, use_channels_last
 from pipeline.step import TrainStep
 
-from .test_step import _model, _TorchEngine, deepspeed_world  # noqa: F401 - the fixture is used by name
+from .test_step import _model, _TorchEngine
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -48,7 +48,7 @@ def test_bf16_autocast_step_gradients_stay_within_the_formats_own_error(device: 
 
 
 @pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (0, "bf16"), (1, "fp32"), (2, "bf16")])
-def test_channels_last_survives_deepspeed_initialize_and_trains_as_nchw(deepspeed_world, stage: int,  # noqa: F811
+def test_channels_last_survives_deepspeed_initialize_and_trains_as_nchw(deepspeed_world, stage: int,
                                                                         precision: str) -> None:
     from pipeline.trainer import deepspeed_config
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -82,25 +81,6 @@ def test_baseline_modes_run_one_pass_on_their_sub_network() -> None:
     assert skippable and all(engine.grads[n] is None for n in skippable)
     with pytest.raises(ValueError, match="unknown mode"):
         TrainStep(model, "both", DistillationConfig())
-
-
-@pytest.fixture(scope="module")
-def deepspeed_world():
-    """A one-rank gloo world for in-process DeepSpeed engines (DS_ACCELERATOR=cpu)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    saved = {k: os.environ.pop(k, None) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    from pipeline.distributed import setup_distributed
-
-    setup_distributed()  # what a plain `python -m pipeline.train` does: one rank on a free loopback port
-    import deepspeed
-
-    yield deepspeed
-    torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.mark.slow
