@@ -228,7 +228,6 @@ class Trainer:
 
     def save(self, epoch_done: bool) -> None:
         step = self.engine.global_steps
-        self.saved_step = step
         run_id = self.tracker.run_id if self.tracker else None
         client = {"config": self.record, "rng": rng_state(), "mlflow_run_id": run_id,
                   "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -248,6 +247,7 @@ class Trainer:
             release(err)
             raise DiskFull(self.ckpt_dir, f"checkpoint {tag}", need, estimated) from err
         torch.distributed.barrier()  # every rank's files are written
+        self.saved_step = step
         if self.rank == 0:
             mark_complete(self.ckpt_dir, tag, step)
             prune(self.ckpt_dir, self.cfg.keep_checkpoints)
