@@ -259,6 +259,21 @@ def test_bad_input_is_one_clear_error(args: list[str], message: str, digits: Pat
         assert "leave out --tracking-uri" in last and "MLFLOW_TRACKING_URI" not in last
 
 
+def test_a_crafted_manifest_is_one_sentence_from_the_command_within_5_s(digits: Path, tmp_path: Path) -> None:
+    crafted = tmp_path / "shards"
+    shutil.copytree(digits, crafted)
+    manifest = json.loads((crafted / "train.json").read_text())
+    manifest["shards"][0]["name"] = "../../etc/passwd"
+    (crafted / "train.json").write_text(json.dumps(manifest))
+    began = time.monotonic()
+    done = train("--model", "resnet_mini", "--data", str(crafted), "--output", str(tmp_path / "run"), cwd=tmp_path,
+                 timeout=120)
+    assert done.returncode == 2 and time.monotonic() - began < 5, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: manifest {str(crafted / 'train.json')!r} lists shard '../../etc/passwd' with a name that is not a "
+        "plain relative path under the location; rewrite the shards.")
+
+
 @pytest.mark.parametrize(("raised", "status"), [(ValueError("bad weights"), "FAILED"),
                                                 (KeyboardInterrupt(), "KILLED"), (None, "RUNNING")])
 def test_a_block_that_raises_leaves_its_run_failed_or_killed(raised: BaseException | None, status: str,
