@@ -30,7 +30,7 @@ fi
 CLEAN=$(mktemp -d)
 trap 'rm -rf "$CLEAN"' EXIT
 "$PY312" -m venv "$CLEAN/venv"
-PIP_CONFIG_FILE=/dev/null "$CLEAN/venv/bin/python" -m pip install --no-index --no-deps --no-compile --target "$CLEAN/site" "$OUT"/*.whl
+env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null "$CLEAN/venv/bin/python" -m pip install --no-index --no-deps --no-compile --target "$CLEAN/site" "$OUT"/*.whl
 # What imports without the machine's own packages (numpy, torch): the rest needs them.
 PYTHONPATH="$CLEAN/site" "$CLEAN/venv/bin/python" -c \
   "import pydantic, pydantic_core, hjson, braceexpand, annotated_types, typing_inspection; print('offline install into a clean', __import__('sys').version.split()[0], 'environment: ok')"
