@@ -25,7 +25,8 @@ SIGTERM or an error ends the section it hits, so the command exits 0 with what i
 7. Then, while time remains: our vanilla step in DeepSpeed's bf16 mode; vit_b16's training; tables of
    mobilenet_v2 and swin_t; ``torch.compile`` of the plain loop and of our steps.
 
-``--tiny`` uses resnet_mini and vit_mini at 32 px, batch 8, fp32 tables and the aot_eager compile backend.
+``--tiny`` uses resnet_mini and vit_mini at 32 px, batch 8, fp32 tables and the eager compile backend (TorchDynamo's
+capture without code generation).
 ``--install-tables DIR/gpu.json`` writes the measured tables of a finished run to ``search/luts/h200/``.
 
 The GPU machine has torch, torchvision, timm, numpy and Pillow but not DeepSpeed, WebDataset or simplejpeg:
@@ -517,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     dev, tiny = args.device, args.tiny
     # name: (model, batch, images of the shards, JPEG size, rounds, steps per round, table rounds)
     size = dict(cnn="resnet_mini", vit="vit_mini", batch=8, images=96, jpeg=(48, 40), rounds=3, steps=2,
-                table_rounds=3, dtype="fp32", more=("vit_mini",), compile="aot_eager") if tiny else dict(
+                table_rounds=3, dtype="fp32", more=("vit_mini",), compile="eager") if tiny else dict(
         cnn="resnet50", vit="vit_b16", batch=256, images=4096, jpeg=(500, 375), rounds=5, steps=5,
         table_rounds=15, dtype="bf16", more=("mobilenet_v2", "swin_t"), compile="inductor")
     precision = "fp32" if tiny and dev == "cpu" else "amp-bf16"

@@ -210,11 +210,11 @@ def test_a_stalled_server_ends_training_with_a_checkpoint_and_sigterm_stops_the_
             server.send_signal(signal.SIGSTOP)
             return proc, out
 
-        proc, out = stalled_run("failed", 2)
+        proc, out = stalled_run("failed", 1)
         began = time.monotonic()
         _, err = proc.communicate(timeout=300)
         server.send_signal(signal.SIGCONT)
-        # 4 attempts of 2 s without a byte and 1 + 2 + 4 s of backoff, once the buffered batches are used up.
+        # 4 attempts of 1 s without a byte and 1 + 2 + 4 s of backoff, once the buffered batches are used up.
         assert proc.returncode == 2 and time.monotonic() - began < 120, err[-3000:]
         line = err.strip().splitlines()[-1]
         tag = (out / "checkpoints" / "latest").read_text().strip()
@@ -225,7 +225,7 @@ def test_a_stalled_server_ends_training_with_a_checkpoint_and_sigterm_stops_the_
         proc, out = stalled_run("stopped", 600)
         steps = out / "checkpoints"
         seen, quiet_since = set(), time.monotonic()
-        while time.monotonic() - quiet_since < 5:  # no new checkpoint for 5 s: it waits on the stalled server
+        while time.monotonic() - quiet_since < 3:  # no new checkpoint for 3 s: it waits on the stalled server
             now = {p.name for p in steps.glob("step*")}
             if now - seen:
                 seen, quiet_since = now, time.monotonic()

@@ -80,8 +80,8 @@ def test_kill_9_then_resume_is_bit_identical_with_and_without_loader_workers(dig
     """kill -9 right after a mid-epoch checkpoint, then --resume: the same weights as the run never interrupted.
     Without workers the loader augments in the training process, from the RNG the checkpoint restores: the
     replay of the epoch's first batches must come before that restore, or it consumes the restored state."""
-    short = [*FAST, "--data", str(digits), "--workers", str(workers), "--max-steps", "16", "--save-every-steps",
-             "10", "--no-tracking"]
+    short = [*FAST, "--data", str(digits), "--workers", str(workers), "--max-steps", "8", "--save-every-steps",
+             "4", "--no-tracking"]
     whole = train(*short, "--output", str(tmp_path / "whole"), cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "run"
@@ -94,7 +94,7 @@ def test_kill_9_then_resume_is_bit_identical_with_and_without_loader_workers(dig
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
-    assert latest.read_text().strip() == "step000000010"  # killed mid-epoch, right after the first step checkpoint
+    assert latest.read_text().strip() == "step000000004"  # killed mid-epoch, right after the first step checkpoint
     assert json.loads((out / ".lock").read_text())["pid"] == proc.pid  # the dead process's lock stays behind
     resumed = train(*short, "--output", str(out), "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
