@@ -166,18 +166,27 @@ class _ExactSamples(IterableDataset):
                 samples.close()  # stops the shard's stream (and its download) at the range's end
 
 
+def _image_and_label(sample: dict[str, Any]) -> tuple[bytes, int]:
+    """A sample's encoded image and class index; ValueError names what is missing."""
+    field = next((f for f in IMAGE_FIELDS if f in sample), None)
+    if field is None:
+        raise ValueError("the sample has no image (a truncated or missing member)")
+    if "cls" not in sample:
+        raise ValueError("the sample has no .cls label")
+    return sample[field], int(sample["cls"])
+
+
+def _report(bad: BadSamples, sample: dict[str, Any], err: BaseException) -> None:
+    bad.report(f"{sample.get('__key__', '?')} ({Path(str(sample.get('__url__', '?'))).name})", err)
+
+
 def _decoder(transform: Callable[[Image.Image], torch.Tensor], bad: BadSamples) -> Callable[[dict], Any]:
     def decode(sample: dict[str, Any]) -> tuple[torch.Tensor, int, str] | None:
-        key = sample.get("__key__", "?")
         try:
-            field = next((f for f in IMAGE_FIELDS if f in sample), None)
-            if field is None:
-                raise ValueError("the sample has no image (a truncated or missing member)")
-            if "cls" not in sample:
-                raise ValueError("the sample has no .cls label")
-            return transform(decode_image(sample[field])), int(sample["cls"]), key
+            raw, label = _image_and_label(sample)
+            return transform(decode_image(raw)), label, sample.get("__key__", "?")
         except Exception as err:  # noqa: BLE001 - any undecodable sample is skipped, counted and reported
-            bad.report(f"{key} ({Path(str(sample.get('__url__', '?'))).name})", err)
+            _report(bad, sample, err)
             return None
 
     return decode
@@ -205,14 +214,8 @@ def decode_image(data: bytes) -> Image.Image:
 def _encoder(data: dict[str, Any], train: bool, bad: BadSamples) -> Callable[[dict], Encoded | None]:
     """For decoding on the device: the JPEG bytes as they are (anything else decoded here) and the drawn crop."""
     def encode(sample: dict[str, Any]) -> Encoded | None:
-        key = sample.get("__key__", "?")
         try:
-            field = next((f for f in IMAGE_FIELDS if f in sample), None)
-            if field is None:
-                raise ValueError("the sample has no image (a truncated or missing member)")
-            if "cls" not in sample:
-                raise ValueError("the sample has no .cls label")
-            raw = sample[field]
+            raw, label = _image_and_label(sample)
             size = jpeg_size(raw)
             if size is None:
                 payload = pil_to_tensor(decode_image(raw))
@@ -220,9 +223,9 @@ def _encoder(data: dict[str, Any], train: bool, bad: BadSamples) -> Callable[[di
             else:
                 payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
             crop = draw_crop(size, data) if train else None
-            return Encoded(payload, payload.dim() == 1, crop, int(sample["cls"]), key)
+            return Encoded(payload, payload.dim() == 1, crop, label, sample.get("__key__", "?"))
         except Exception as err:  # noqa: BLE001 - any unreadable sample is skipped, counted and reported
-            bad.report(f"{key} ({Path(str(sample.get('__url__', '?'))).name})", err)
+            _report(bad, sample, err)
             return None
 
     return encode

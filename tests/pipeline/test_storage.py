@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from pipeline.data import DataError, make_loader
 from pipeline.data.storage import Location, ShardReadError, parse_location, shard_samples
 
-from ..conftest import train_env
-from ..daemons import http_server, require, s3_server
+from ..conftest import FAST, train_env
+from ..daemons import free_port, http_server, require, s3_server, stop, wait_for
 
 STEPS = ["--model", "resnet_mini", "--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--workers", "1",
          "--no-tracking"]
@@ -190,9 +190,6 @@ def test_a_stalled_server_ends_training_with_a_checkpoint_and_sigterm_stops_the_
     transfer now fails its attempt after ADN_SHARD_STALL_S, the retries follow, and the run ends with one
     sentence and a complete checkpoint; a stop signal during the wait stops the run at once, with a checkpoint."""
     require("curl")
-    from ..conftest import FAST
-    from ..daemons import free_port, stop, wait_for
-
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory",
                                str(digits)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
