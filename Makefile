@@ -111,7 +111,7 @@ gpu-check-cpu: install  ## benchmarks/gpu.py's code paths at tiny sizes on this 
 	$(PY) benchmarks/gpu.py --device cpu --tiny --out $(or $(OUT),runs/gpu-tiny)
 
 lint: install  ## ruff, and the layers and import cycles (import-linter contracts in pyproject.toml)
-	$(PY) -m ruff check adn pipeline search studies cluster tests benchmarks
+	$(PY) -m ruff check adn pipeline search serving studies cluster tests benchmarks
 	$(VENV)/bin/lint-imports
 
 clean:  ## remove the virtual environment and caches

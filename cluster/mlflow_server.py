@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.distributed import accepts, free_port
+from pipeline.distributed import accepts, free_port, port_taken
 
 from .state import (
     ServiceError,
     is_running,
-    port_taken,
     read_record,
     state_dir,
     stop_group,

@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.distributed import accepts, interfaces
+from pipeline.distributed import accepts, interfaces, port_taken
 from search.ray_client import auth_env, parse_address, token_file
 
 from .state import (
     ServiceError,
     is_running,
-    port_taken,
     read_record,
     state_dir,
     stop_group,

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,18 +93,6 @@ def stop_group(pid: int, marker: str, grace_s: float = 20.0, first: signal.Signa
                 return True
             time.sleep(0.1)
     return True
-
-
-def port_taken(host: str, port: int) -> bool:
-    """Whether binding ``host:port`` fails now (someone listens there)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, interval_s: float = 0.25,

@@ -1,0 +1,96 @@
+"""Which skip mask a batch runs, from the slack of its requests and each mask's latency per batch size.
+
+A pure function, so it is tested on its own; the Ray Serve deployment only wires it to requests.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+ON_LATE = ("shed", "serve")
+
+
+class LatencyModel:
+    """Milliseconds to run a batch under each mask, measured at a few batch sizes, linear between them.
+
+    Past the largest measured size, time grows in proportion to the batch (no batching gain assumed).
+    """
+
+    def __init__(self, table: Mapping[str, Mapping[int, float]]) -> None:
+        if not table:
+            raise ValueError("the latency model needs at least one mask.")
+        self.table = {mask: dict(sorted((int(b), float(ms)) for b, ms in row.items())) for mask, row in table.items()}
+        for mask, row in self.table.items():
+            if not row or min(row) < 1:
+                raise ValueError(f"the latency of mask {mask} needs batch sizes of 1 or more, got {sorted(row)}.")
+
+    def __call__(self, mask: str, batch_size: int) -> float:
+        row = self.table[mask]
+        sizes = list(row)
+        i = bisect.bisect_left(sizes, batch_size)
+        if i < len(sizes) and sizes[i] == batch_size:
+            return row[batch_size]
+        if i == 0:
+            return row[sizes[0]] * batch_size / sizes[0]
+        if i == len(sizes):
+            return row[sizes[-1]] * batch_size / sizes[-1]
+        lo, hi = sizes[i - 1], sizes[i]
+        return row[lo] + (row[hi] - row[lo]) * (batch_size - lo) / (hi - lo)
+
+    def as_json(self) -> dict[str, dict[str, float]]:
+        return {mask: {str(b): round(ms, 4) for b, ms in row.items()} for mask, row in self.table.items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What one batch does: the mask it runs, and which of its requests run, are shed, or run knowing they are late."""
+
+    mask: str
+    run: list[int] = field(default_factory=list)
+    shed: list[int] = field(default_factory=list)
+    late: list[int] = field(default_factory=list)
+    predicted_ms: float = 0.0
+
+
+def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latency: LatencyModel,
+           on_late: str = "shed") -> Choice:
+    """The most accurate mask of ``front`` ((mask, accuracy) pairs) whose predicted time for the batch fits the
+    tightest slack among the requests that can still meet their deadline.
+
+    A request is unreachable when even the fastest mask cannot answer it in time: with ``on_late="shed"`` the
+    batch drops the fewest requests (those with the least slack) that let the others make it, and those are shed;
+    with ``"serve"`` every request runs and the unreachable ones are marked late. A one-mask front is the fixed
+    baseline: the same shedding, no choice of depth.
+    """
+    if on_late not in ON_LATE:
+        raise ValueError(f"on_late must be one of {', '.join(ON_LATE)}, got {on_late!r}.")
+    if not front:
+        raise ValueError("the front is empty.")
+    n = len(slack_ms)
+    if n == 0:
+        raise ValueError("a batch holds at least one request.")
+    fastest = min(front, key=lambda p: (latency(p[0], 1), -p[1]))[0]
+    by_slack = sorted(range(n), key=lambda i: -slack_ms[i])  # most slack first
+    if on_late == "shed":
+        # The largest k such that the k requests with most slack all fit the fastest mask at batch size k.
+        k = 0
+        while k < n and slack_ms[by_slack[k]] >= latency(fastest, k + 1):
+            k += 1
+        run, other = sorted(by_slack[:k]), sorted(by_slack[k:])
+        size = k
+    else:
+        run = list(range(n))
+        other = sorted(i for i in run if slack_ms[i] < latency(fastest, n))
+        size = n
+    reachable = [i for i in run if i not in set(other)]
+    if not reachable:
+        return Choice(fastest, run, [] if on_late == "serve" else other, other if on_late == "serve" else [],
+                      latency(fastest, max(size, 1)) if run else 0.0)
+    tightest = min(slack_ms[i] for i in reachable)
+    fits = [(acc, -latency(mask, size), mask) for mask, acc in front if latency(mask, size) <= tightest]
+    mask = max(fits)[2] if fits else fastest
+    if on_late == "shed":
+        return Choice(mask, run, other, [], latency(mask, size))
+    return Choice(mask, run, [], other, latency(mask, size))

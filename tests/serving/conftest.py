@@ -1,0 +1,130 @@
+"""A served ADN made in the test (resnet_mini with seeded weights, the shipped recipe, a front of four masks) and
+one real Ray Serve application on 127.0.0.1 started from it, shared by the serving tests of one file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from pipeline.distributed import free_port
+
+from ..conftest import ROOT, train_env
+
+# A front as search.pareto writes it (the accuracies are the test's: the policy only reads their order).
+FRONT = [("TTTT", 0.70, 1.0), ("TTFF", 0.80, 1.5), ("TFFF", 0.85, 1.8), ("FFFF", 0.90, 2.2)]
+
+
+def make_checkpoint(out: Path, model_name: str = "resnet_mini", target: str = "cpu", seed: int = 0) -> Path:
+    """``out/weights.safetensors`` (seeded weights, the shipped recipe, 10 classes) and ``out/pareto-cpu/``."""
+    import torch
+
+    from adn import create_model
+    from adn.checkpoint import save_weights
+    from pipeline.recipes import load_recipe
+
+    torch.manual_seed(seed)
+    model = create_model(model_name, num_classes=10).eval()
+    with torch.no_grad():  # non-trivial norm statistics, so each mask's answers differ
+        for name, buf in model.named_buffers():
+            if name.endswith("running_var"):
+                buf.uniform_(0.5, 2.0)
+            elif name.endswith("running_mean"):
+                buf.uniform_(-0.2, 0.2)
+    recipe = load_recipe(model_name)
+    save_weights(model, out / "weights.safetensors", model_name=model_name, classes=[f"digit {d}" for d in range(10)],
+                 resolution=recipe["data"]["val_crop"], recipe=recipe)
+    (out / f"pareto-{target}").mkdir(parents=True, exist_ok=True)
+    front = [{"mask": m, "acc1": a, "latency_ms": ms} for m, a, ms in FRONT]
+    (out / f"pareto-{target}" / "pareto.json").write_text(json.dumps(
+        {"model": model_name, "target": target, "front": front, "candidates": front}))
+    return out
+
+
+def encoded_images(count: int, seed: int = 0) -> list[bytes]:
+    """Random RGB images of several sizes, every other one JPEG, the others PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = (int(v) for v in rng.integers(20, 90, size=2))
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(
+            buffer, format="JPEG" if i % 2 else "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def post(self, body: bytes, deadline_ms: float | str | None = None, timeout: float = 30) -> requests.Response:
+        headers = {"X-Deadline-Ms": str(deadline_ms)} if deadline_ms is not None else {}
+        return requests.post(f"{self.url}/v1/classify", data=body, headers=headers, timeout=timeout)
+
+    def model(self) -> dict:
+        return requests.get(f"{self.url}/v1/model", timeout=30).json()
+
+
+def start_server(checkpoint: Path, *flags: str, log: Path, timeout_s: float = 180) -> Server:
+    """``python -m serving`` on a free port of 127.0.0.1, once its application answers; stop with ``stop_server``."""
+    port = free_port()
+    env = train_env(RAY_DISABLE_USAGE_STATS="1", CLUSTER_STATE=str(log.parent / "state"))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port", str(port),
+                                 *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"python -m serving exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{server.url}/v1/model", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise AssertionError(f"python -m serving did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(server: Server, timeout_s: float = 60) -> None:
+    """SIGTERM to the server (it shuts Serve and its local Ray down), then SIGKILL to its process group."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.proc.wait(timeout_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGKILL)  # whatever of its Ray is left
+    server.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path) -> Iterator[Server]:
+    """The deadline policy, batches of up to 8 gathered for up to 20 ms (so concurrent requests share batches)."""
+    running = start_server(checkpoint, "--max-batch", "8", "--batch-wait-ms", "20", "--slo-ms", "2000",
+                           "--max-body-bytes", "200000", log=checkpoint / "serve.log")
+    yield running
+    stop_server(running)
