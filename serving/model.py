@@ -4,6 +4,7 @@ Registry, with the recipe's validation transforms and a latency model measured o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
@@ -65,11 +66,16 @@ def fetch_registered(uri: str, tracking_uri: str | None) -> Path:
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    quiet = logging.getLogger("mlflow")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # a new SQLite store logs its table creation at INFO
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except MlflowException as err:
         raise ValueError(f"the registry has no model {uri!r} ({err.message.splitlines()[0]}); list them with "
                          "the MLflow UI's Models page or register one with python -m serving.register.") from None
+    finally:
+        quiet.setLevel(level)
     artifacts = local / "artifacts"
     if not (artifacts / "weights.safetensors").is_file():
         raise ValueError(f"{uri!r} is not an ADN registered by python -m serving.register (no weights in it).")

@@ -59,10 +59,10 @@ def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latenc
     """The most accurate mask of ``front`` ((mask, accuracy) pairs) whose predicted time for the batch fits the
     tightest slack among the requests that can still meet their deadline.
 
-    A request is unreachable when even the fastest mask cannot answer it in time: with ``on_late="shed"`` the
-    batch drops the fewest requests (those with the least slack) that let the others make it, and those are shed;
-    with ``"serve"`` every request runs and the unreachable ones are marked late. A one-mask front is the fixed
-    baseline: the same shedding, no choice of depth.
+    A request is unreachable when even the fastest mask cannot answer it in time in this batch: with
+    ``on_late="shed"`` the batch drops the fewest requests (those with the least slack) that let the others make
+    it, and those are shed; with ``"serve"`` every request runs and the unreachable ones are marked late. A
+    one-mask front is the fixed baseline: the same shedding, no choice of depth.
     """
     if on_late not in ON_LATE:
         raise ValueError(f"on_late must be one of {', '.join(ON_LATE)}, got {on_late!r}.")

@@ -26,8 +26,10 @@ from ..conftest import ROOT, train_env
 FRONT = [("TTTT", 0.70, 1.0), ("TTFF", 0.80, 1.5), ("TFFF", 0.85, 1.8), ("FFFF", 0.90, 2.2)]
 
 
-def make_checkpoint(out: Path, model_name: str = "resnet_mini", target: str = "cpu", seed: int = 0) -> Path:
-    """``out/weights.safetensors`` (seeded weights, the shipped recipe, 10 classes) and ``out/pareto-cpu/``."""
+def make_checkpoint(out: Path, model_name: str = "resnet_mini", target: str = "cpu", seed: int = 0,
+                    crop: int | None = None) -> Path:
+    """``out/weights.safetensors`` (seeded weights, the shipped recipe with validation crop ``crop``, 10 classes)
+    and ``out/pareto-cpu/``."""
     import torch
 
     from adn import create_model
@@ -43,6 +45,8 @@ def make_checkpoint(out: Path, model_name: str = "resnet_mini", target: str = "c
             elif name.endswith("running_mean"):
                 buf.uniform_(-0.2, 0.2)
     recipe = load_recipe(model_name)
+    if crop:
+        recipe["data"].update(val_resize=crop, val_crop=crop)
     save_weights(model, out / "weights.safetensors", model_name=model_name, classes=[f"digit {d}" for d in range(10)],
                  resolution=recipe["data"]["val_crop"], recipe=recipe)
     (out / f"pareto-{target}").mkdir(parents=True, exist_ok=True)
@@ -118,13 +122,14 @@ def stop_server(server: Server, timeout_s: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("served"))
+    """resnet50 at 64 px: slow enough on a CPU (about 30 ms an image) that a burst overloads the model, not HTTP."""
+    return make_checkpoint(tmp_path_factory.mktemp("served"), "resnet50", crop=64)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path) -> Iterator[Server]:
-    """The deadline policy, batches of up to 8 gathered for up to 20 ms (so concurrent requests share batches)."""
-    running = start_server(checkpoint, "--max-batch", "8", "--batch-wait-ms", "20", "--slo-ms", "2000",
+    """The deadline policy, batches of up to 8 gathered for up to 10 ms (so concurrent requests share batches)."""
+    running = start_server(checkpoint, "--max-batch", "8", "--batch-wait-ms", "10", "--slo-ms", "2000",
                            "--max-body-bytes", "200000", log=checkpoint / "serve.log")
     yield running
     stop_server(running)

@@ -1,0 +1,148 @@
+"""The Ray Serve application on 127.0.0.1, for real: answers equal direct calls of the model under the mask they
+report, bad input gets one clear answer while the server keeps serving, a killed replica is replaced, and under a
+burst the deadline policy runs shallower masks and meets more deadlines than the fixed super-net."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adn.checkpoint import load_trained
+from pipeline.data.loader import decode_image
+from pipeline.data.transforms import Normalize, val_transform
+from serving import loadgen
+from serving.__main__ import main as serving_main
+
+from .conftest import Server, encoded_images, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_answer_equals_a_direct_call_under_the_mask_it_reports(server: Server, checkpoint: Path) -> None:
+    model, meta = load_trained(checkpoint)
+    data = meta["recipe"]["data"]
+    table = server.model()["latency_model"]["ms_per_batch"]
+    # Rounds of 8 requests at once (they share batches): a loose deadline runs the super-net; deadlines that fit
+    # a batch of each shallower mask but not of the super-net make the policy pick shallower ones.
+    deadlines = [2000.0] + [12 + 1.15 * table[mask]["8"] for mask in ("TTTT", "TTFF", "TFFF")]
+    checked, masks, sizes = 0, set(), set()
+    for round_, deadline in enumerate(deadlines * 2):
+        bodies = encoded_images(8, seed=round_)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda body, d=deadline: server.post(body, d), bodies))
+        for body, answer in zip(bodies, answers, strict=True):
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 503:
+                assert answer.json()["reason"] == "deadline unreachable"
+                continue
+            got = answer.json()
+            x = Normalize(data, train=False)(val_transform(data)(decode_image(body)).unsqueeze(0))
+            with torch.inference_mode():
+                probs = torch.softmax(model(x, skip=got["mask"]), dim=1)[0]
+            values, indices = probs.topk(5)
+            assert [c["class"] for c in got["top5"]] == indices.tolist()
+            assert [c["name"] for c in got["top5"]] == [meta["classes"][i] for i in indices.tolist()]
+            np.testing.assert_allclose([c["prob"] for c in got["top5"]], values.numpy(), atol=1e-5)
+            checked += 1
+            masks.add(got["mask"])
+            sizes.add(got["batch_size"])
+        if len(masks) >= 3 and len(sizes) >= 2 and checked >= 24:
+            break
+    assert len(masks) >= 2 and len(sizes) >= 2, (masks, sizes, checked)
+
+
+def test_the_model_endpoint_shows_the_front_the_latency_model_and_the_policy(server: Server) -> None:
+    info = server.model()
+    assert info["model"] == "resnet50" and len(info["classes"]) == 10 and info["target"] == "cpu"
+    assert [p["mask"] for p in info["front"]] == ["TTTT", "TTFF", "TFFF", "FFFF"]
+    table = info["latency_model"]["ms_per_batch"]
+    assert set(table) == {"TTTT", "TTFF", "TFFF", "FFFF"} and set(table["FFFF"]) == {"1", "2", "4", "8"}
+    assert table["TTTT"]["1"] < table["FFFF"]["1"] and table["FFFF"]["1"] < table["FFFF"]["8"]
+    assert info["policy"]["name"] == "deadline" and info["policy"]["max_batch"] == 8
+
+
+def test_bad_input_gets_one_clear_answer_and_the_server_keeps_serving(server: Server) -> None:
+    good = encoded_images(1)[0]
+    cases = [(b"this is not an image", None, 400, "not a JPEG or PNG"),
+             (b"", None, 400, "empty"),
+             (b"\xff\xd8" + bytes(300_000), None, 413, "more than this server takes"),
+             (good, "-5", 400, "positive number"),
+             (good, "soon", 400, "number of milliseconds")]
+    for body, deadline, status, words in cases:
+        answer = server.post(body, deadline)
+        assert answer.status_code == status and words in answer.json()["error"], answer.text
+        assert server.post(good).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["no checkpoint", "other model", "other target", "no such registered model",
+                                  "unknown mask"])
+def test_bad_start_is_one_sentence_and_exit_2(case: str, checkpoint: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "pareto.json"
+    front = json.loads((checkpoint / "pareto-cpu" / "pareto.json").read_text())
+    other.write_text(json.dumps({**front, "model": "resnet_mini"}))
+    args = {"no checkpoint": ["--checkpoint", str(tmp_path / "nothing")],
+            "other model": ["--checkpoint", str(checkpoint), "--pareto", str(other)],
+            "other target": ["--checkpoint", str(checkpoint), "--target", "a100"],
+            "no such registered model": ["--model-uri", "models:/adn-nothing/1",
+                                         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+            "unknown mask": ["--checkpoint", str(checkpoint), "--policy", "fixed", "--mask", "TXFF"]}[case]
+    assert serving_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert {"no checkpoint": "no trained weights", "other model": "searched for resnet_mini",
+            "other target": "target 'cpu'", "no such registered model": "adn-nothing",
+            "unknown mask": "TXFF"}[case] in err
+
+
+def test_a_replica_killed_with_sigkill_is_replaced(server: Server) -> None:
+    body = encoded_images(1)[0]
+    pid = server.model()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if server.post(body, timeout=5).status_code == 200 and server.model()["pid"] != pid:
+                break
+        except Exception:  # noqa: BLE001 - the proxy may refuse or time out while the replica restarts
+            pass
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no new replica answered within 90 s:\n{server.log.read_text()[-2000:]}")
+    assert all(server.post(body).status_code == 200 for _ in range(5))
+
+
+def depth(mask: str) -> float:
+    """The share of stages run in full (F: kept, T: skipped)."""
+    return mask.count("F") / len(mask)
+
+
+def test_under_a_burst_the_deadline_policy_runs_shallower_and_meets_more_deadlines(
+        server: Server, checkpoint: Path) -> None:
+    rng = np.random.default_rng(0)
+    quiet, burst = 2.0, 2.5
+    arrivals = loadgen.phases([(8.0, quiet), (90.0, burst)], rng)  # the super-net serves ~60 an s here, TTTT ~100
+    bodies, labels = encoded_images(32, seed=2), [0] * 32
+    url = f"{server.url}/v1/classify"
+    adaptive = loadgen.replay(url, arrivals, bodies, labels, deadline_ms=300, timeout_s=20)
+    fixed_server = start_server(checkpoint, "--policy", "fixed", "--mask", "FFFF", "--max-batch", "8",
+                                "--batch-wait-ms", "10", log=checkpoint / "fixed.log")
+    try:
+        fixed = loadgen.replay(f"{fixed_server.url}/v1/classify", arrivals, bodies, labels, deadline_ms=300,
+                               timeout_s=20)
+    finally:
+        stop_server(fixed_server)
+    before = [depth(a.mask) for a in adaptive if a.status == 200 and a.at_s < quiet]
+    during = [depth(a.mask) for a in adaptive if a.status == 200 and a.at_s >= quiet + 0.5]
+    assert before and during
+    assert np.mean(during) < np.mean(before), (np.mean(before), np.mean(during))
+    got, base = loadgen.summarize(adaptive), loadgen.summarize(fixed)
+    assert got["attainment"] > base["attainment"], (got, base)

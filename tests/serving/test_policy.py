@@ -1,0 +1,107 @@
+"""The deadline policy against a brute-force reference over every subset and mask, and its two promises: tighter
+slack never runs a slower mask, and unreachable requests are shed or served late as configured."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from serving.policy import LatencyModel, choose
+
+# Four front masks: ms per batch of 1, 2, 4, 8 (a batch costs less per image as it grows).
+TABLE = {
+    "TTTT": {1: 2.0, 2: 3.0, 4: 5.0, 8: 9.0},
+    "TTFF": {1: 3.0, 2: 4.5, 4: 7.5, 8: 13.0},
+    "TFFF": {1: 4.0, 2: 6.0, 4: 10.0, 8: 18.0},
+    "FFFF": {1: 5.0, 2: 7.5, 4: 12.5, 8: 22.0},
+}
+FRONT = [("TTTT", 0.70), ("TTFF", 0.80), ("TFFF", 0.85), ("FFFF", 0.90)]
+LATENCY = LatencyModel(TABLE)
+
+
+def reference(slack: list[float]) -> tuple[str, list[int]]:
+    """Shed: the largest set of requests some mask can serve in time, then the most accurate mask for that set."""
+    n = len(slack)
+    for size in range(n, 0, -1):
+        best = None
+        for subset in itertools.combinations(range(n), size):
+            for mask, acc in FRONT:
+                if LATENCY(mask, size) <= min(slack[i] for i in subset) and (best is None or acc > best[0]):
+                    best = (acc, mask, list(subset))
+        if best is not None:
+            return best[1], best[2]
+    return "", []
+
+
+def test_latency_model_interpolates_between_measured_sizes_and_extrapolates_per_image() -> None:
+    assert LATENCY("FFFF", 4) == 12.5
+    assert LATENCY("FFFF", 3) == pytest.approx(10.0)  # halfway between 7.5 and 12.5
+    assert LATENCY("FFFF", 16) == pytest.approx(44.0)  # 22 ms per 8, twice
+    with pytest.raises(ValueError, match="batch sizes of 1 or more"):
+        LatencyModel({"FFFF": {0: 1.0}})
+
+
+def test_the_chosen_mask_is_the_most_accurate_that_fits() -> None:
+    assert choose([100.0], FRONT, LATENCY).mask == "FFFF"
+    assert choose([4.5], FRONT, LATENCY).mask == "TFFF"  # FFFF needs 5 ms
+    assert choose([2.5], FRONT, LATENCY).mask == "TTTT"
+    # The batch of 4 costs more: 12.5 ms for FFFF, so a tightest slack of 11 ms gets TFFF (10 ms).
+    assert choose([50.0, 11.0, 40.0, 30.0], FRONT, LATENCY).mask == "TFFF"
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_shedding_matches_a_brute_force_search(seed: int) -> None:
+    rng = random.Random(seed)
+    slack = [rng.uniform(-2.0, 25.0) for _ in range(rng.randint(1, 6))]
+    choice = choose(slack, FRONT, LATENCY, on_late="shed")
+    mask, kept = reference(slack)
+    assert len(choice.run) == len(kept)  # as many requests served as possible
+    if kept:
+        assert dict(FRONT)[choice.mask] == dict(FRONT)[mask]  # and the best accuracy any such set allows
+        assert LATENCY(choice.mask, len(choice.run)) <= min(slack[i] for i in choice.run)
+    assert sorted(choice.run + choice.shed) == list(range(len(slack)))
+    assert not choice.late
+
+
+@pytest.mark.parametrize("seed", range(100))
+@pytest.mark.parametrize("on_late", ["shed", "serve"])
+def test_tighter_slack_never_yields_a_slower_mask(seed: int, on_late: str) -> None:
+    """Among the same requests answered in time, less slack never picks a slower mask. (A request that becomes
+    unreachable leaves the batch or stops counting, which the shedding tests cover.)"""
+    rng = random.Random(seed)
+    slack = [rng.uniform(3.0, 30.0) for _ in range(rng.randint(1, 8))]
+    tighter = [s - rng.uniform(0.0, 10.0) for s in slack]
+    before, after = choose(slack, FRONT, LATENCY, on_late), choose(tighter, FRONT, LATENCY, on_late)
+    if (after.run, after.late) == (before.run, before.late):
+        assert LATENCY(after.mask, 1) <= LATENCY(before.mask, 1)
+    for alone in range(1, 40):  # one request: a mask for every slack, never slower as the slack shrinks
+        assert LATENCY(choose([alone - 1.0], FRONT, LATENCY, on_late).mask, 1) <= \
+            LATENCY(choose([float(alone)], FRONT, LATENCY, on_late).mask, 1)
+
+
+def test_unreachable_requests_are_shed_or_served_late_as_configured() -> None:
+    slack = [30.0, 1.0, 20.0, -3.0]  # 1 ms and -3 ms: not even TTTT (2 ms alone) makes it
+    shed = choose(slack, FRONT, LATENCY, on_late="shed")
+    assert shed.run == [0, 2] and shed.shed == [1, 3] and not shed.late
+    assert shed.mask == "FFFF"  # 7.5 ms for two fits 20 ms
+    late = choose(slack, FRONT, LATENCY, on_late="serve")
+    assert late.run == [0, 1, 2, 3] and late.late == [1, 3] and not late.shed
+    assert late.mask == "FFFF"  # 12.5 ms for four still fits the reachable ones' 20 ms
+    nobody = choose([0.5, -1.0], FRONT, LATENCY, on_late="shed")
+    assert nobody.run == [] and nobody.shed == [0, 1]
+    everyone_late = choose([0.5, -1.0], FRONT, LATENCY, on_late="serve")
+    assert everyone_late.mask == "TTTT" and everyone_late.late == [0, 1]
+
+
+def test_a_fixed_mask_is_a_one_mask_front_with_the_same_shedding() -> None:
+    fixed = [("FFFF", 0.9)]
+    assert choose([100.0, 100.0], fixed, LATENCY).mask == "FFFF"
+    assert choose([100.0, 8.0], fixed, LATENCY).run == [0, 1]  # FFFF for two: 7.5 ms
+    # 6 ms: FFFF alone (5 ms) would make it, beside the other (7.5 ms for two) it would not: the batch keeps
+    # the request with more slack, the most requests it can answer in time.
+    choice = choose([100.0, 6.0], fixed, LATENCY)
+    assert (choice.mask, choice.run, choice.shed) == ("FFFF", [0], [1])
+    with pytest.raises(ValueError, match="on_late"):
+        choose([1.0], fixed, LATENCY, on_late="drop")
