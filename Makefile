@@ -12,7 +12,7 @@ STUDY_JOBS   ?= 2
 
 .PHONY: help install test test-fast demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
 	gpu-wheels gpu-check-cpu \
-	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop
+	mlflow-server mlflow-server-stop ray-head ray-head-stop ray-worker ray-worker-stop serve serve-stop
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-19s %s\n", $$1, $$2}'
@@ -40,6 +40,7 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 	DS_ACCELERATOR=cpu $(PY) -m pipeline.train --model $(MODEL) --data data/digits --output runs/demo \
 		--eval-all-masks --experiment adn-demo
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
+	@echo "serve what it trained (Ray Serve, depth picked per batch to meet deadlines): make serve CHECKPOINT=runs/demo PARETO=runs/demo/pareto-cpu"
 
 reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (28 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
@@ -90,6 +91,19 @@ ray-worker: install  ## join this host to a Ray head: HEAD=HOST:PORT (token: RAY
 
 ray-worker-stop: install  ## stop the Ray worker that ray-worker started (by PID)
 	$(PY) -m cluster.ray_node stop worker
+
+# serve: the ADN behind Ray Serve in the background (python -m serving --help lists what ARGS may add)
+CHECKPOINT ?= runs/demo
+SERVE_FLAGS = $(if $(MODEL_URI),--model-uri '$(MODEL_URI)',--checkpoint $(CHECKPOINT)) $(if $(PARETO),--pareto $(PARETO)) \
+	$(if $(SLO_MS),--slo-ms $(SLO_MS)) $(if $(REPLICAS),--replicas $(REPLICAS)) $(if $(POLICY),--policy $(POLICY)) \
+	$(if $(MASK),--mask $(MASK)) $(if $(TARGET),--target $(TARGET))
+
+serve: install  ## serve an ADN with Ray Serve on 127.0.0.1:8000: CHECKPOINT=runs/demo PARETO SLO_MS REPLICAS MODEL_URI POLICY MASK
+	$(PY) -m cluster.serving start $(if $(SERVE_HOST),--host $(SERVE_HOST)) $(if $(SERVE_PORT),--port $(SERVE_PORT)) \
+		-- $(SERVE_FLAGS) $(ARGS)
+
+serve-stop: install  ## stop the server that make serve started (by PID)
+	$(PY) -m cluster.serving stop
 
 system-deps:  ## Debian packages for the cluster layer and its tests (SLURM, PostgreSQL, Chromium, ...); root
 	bash cluster/system-deps.sh

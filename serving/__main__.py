@@ -55,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
     net.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     net.add_argument("--ray-address", help="an existing Ray cluster (make ray-head); default: a local one")
+    p.add_argument("--check", action="store_true", help="check every input and exit (0: it would serve)")
     return p
 
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     serve_forever(settings, args.host, args.port, args.ray_address)
     return 0
 

@@ -51,3 +51,20 @@ def test_the_token_command_makes_an_owner_only_token_once(tmp_path) -> None:
     path = tmp_path / "ray" / "auth_token"
     assert first == second == str(path)
     assert path.stat().st_mode & 0o777 == 0o600 and len(path.read_text()) == 64
+
+
+def test_the_serve_config_and_rayservice_are_valid_for_ray_serve() -> None:
+    """Ray Serve's own schema accepts both configs, and their args are settings the application builder takes."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.settings import ServeSettings
+
+    local = yaml.safe_load((RAY / "serve.yaml").read_text())
+    service = yaml.safe_load((RAY / "rayservice.yaml").read_text())
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    assert service["spec"]["rayClusterSpec"]["rayVersion"] == ray.__version__
+    for config in (local, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema.model_validate(config).applications[0]
+        assert app.import_path == "serving.app:build"
+        ServeSettings(**app.args).check()
+    assert local["http_options"]["host"] == "127.0.0.1"

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +74,12 @@ def encoded_images(count: int, seed: int = 0) -> list[bytes]:
 @dataclass
 class Server:
     url: str
-    proc: subprocess.Popen
-    log: Path
+    pid: int
+    state: Path
+
+    @property
+    def log(self) -> Path:
+        return self.state / "serving.log"
 
     def post(self, body: bytes, deadline_ms: float | str | None = None, timeout: float = 30) -> requests.Response:
         headers = {"X-Deadline-Ms": str(deadline_ms)} if deadline_ms is not None else {}
@@ -86,38 +89,29 @@ class Server:
         return requests.get(f"{self.url}/v1/model", timeout=30).json()
 
 
-def start_server(checkpoint: Path, *flags: str, log: Path, timeout_s: float = 180) -> Server:
-    """``python -m serving`` on a free port of 127.0.0.1, once its application answers; stop with ``stop_server``."""
+def start_server(checkpoint: Path, *flags: str, state: Path) -> Server:
+    """``python -m cluster.serving start`` (what ``make serve`` runs) on a free port of 127.0.0.1: it returns once
+    the application answers; ``stop_server`` stops it."""
     port = free_port()
-    env = train_env(RAY_DISABLE_USAGE_STATS="1", CLUSTER_STATE=str(log.parent / "state"))
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port", str(port),
-                                 *flags], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"python -m serving exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{server.url}/v1/model", timeout=2).status_code == 200:
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise AssertionError(f"python -m serving did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
+    done = subprocess.run([sys.executable, "-m", "cluster.serving", "--state-dir", str(state), "start", "--port",
+                           str(port), "--", "--checkpoint", str(checkpoint), *flags], cwd=ROOT,
+                          env=train_env(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=360)
+    record = json.loads((state / "serving.json").read_text()) if (state / "serving.json").is_file() else {}
+    server = Server(f"http://127.0.0.1:{port}", record.get("pid", 0), state)
+    assert done.returncode == 0, done.stdout + done.stderr + (server.log.read_text()[-3000:] if record else "")
+    return server
 
 
-def stop_server(server: Server, timeout_s: float = 60) -> None:
-    """SIGTERM to the server (it shuts Serve and its local Ray down), then SIGKILL to its process group."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.proc.wait(timeout_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGKILL)  # whatever of its Ray is left
-    server.proc.wait(10)
+def stop_server(server: Server) -> None:
+    """``python -m cluster.serving stop`` (``make serve-stop``); the process group must be gone after it."""
+    done = subprocess.run([sys.executable, "-m", "cluster.serving", "--state-dir", str(server.state), "stop"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    alive = Path(f"/proc/{server.pid}").exists() and "serving" in Path(f"/proc/{server.pid}/cmdline").read_text()
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    assert done.returncode == 0 and f"stopped the ADN server (pid {server.pid})" in done.stdout, done.stdout
+    assert not alive, f"the server {server.pid} outlived make serve-stop"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +124,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(checkpoint: Path) -> Iterator[Server]:
     """The deadline policy, batches of up to 8 gathered for up to 10 ms (so concurrent requests share batches)."""
     running = start_server(checkpoint, "--max-batch", "8", "--batch-wait-ms", "10", "--slo-ms", "2000",
-                           "--max-body-bytes", "200000", log=checkpoint / "serve.log")
+                           "--max-body-bytes", "200000", state=checkpoint / "adaptive")
     yield running
     stop_server(running)

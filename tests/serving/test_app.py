@@ -134,7 +134,7 @@ def test_under_a_burst_the_deadline_policy_runs_shallower_and_meets_more_deadlin
     url = f"{server.url}/v1/classify"
     adaptive = loadgen.replay(url, arrivals, bodies, labels, deadline_ms=300, timeout_s=20)
     fixed_server = start_server(checkpoint, "--policy", "fixed", "--mask", "FFFF", "--max-batch", "8",
-                                "--batch-wait-ms", "10", log=checkpoint / "fixed.log")
+                                "--batch-wait-ms", "10", state=checkpoint / "fixed")
     try:
         fixed = loadgen.replay(f"{fixed_server.url}/v1/classify", arrivals, bodies, labels, deadline_ms=300,
                                timeout_s=20)
