@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
                      help="slack kept for the way back to the client (default 1 ms)")
     bat = p.add_argument_group("batching and replicas")
     bat.add_argument("--max-batch", type=int, default=16, help="largest batch (@serve.batch max_batch_size)")
-    bat.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait to fill a batch")
+    bat.add_argument("--batch-wait-ms", type=float, default=0.0,
+                     help="longest wait to fill a batch (default 0: a batch takes what queued while the last one ran)")
     bat.add_argument("--replicas", type=int, default=1, help="replicas of the deployment")
     bat.add_argument("--threads", type=int, default=1, help="CPUs (and torch threads) per replica")
     bat.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per replica)")

@@ -82,6 +82,7 @@ class ADNServer:
         self.choices = [(m, acc.get(m, 0.0)) for m in self.served.masks]
         self._fastest_ms = min(self.latency(m, 1) for m in self.served.masks)
         self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adn-forward")
+        self._waiting: dict[int, float] = {}  # deadlines of the requests queued for a batch, by id(Pending)
         self._run_batch.set_max_batch_size(self.settings.max_batch)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1e3)
         self._requests = metrics.Counter("adn_requests", "requests answered, per mask", tag_keys=("mask",))
@@ -134,7 +135,12 @@ class ADNServer:
                 image = await asyncio.get_running_loop().run_in_executor(None, self.served.preprocess, body)
         except BadInput as err:
             return _error(400, str(err))
-        out: Outcome = await self._run_batch(Pending(image, arrival, arrival + deadline_ms / 1e3))
+        pending = Pending(image, arrival, arrival + deadline_ms / 1e3)
+        self._waiting[id(pending)] = pending.deadline
+        try:
+            out: Outcome = await self._run_batch(pending)
+        finally:
+            self._waiting.pop(id(pending), None)
         timing = {"mask": out.mask, "batch_size": out.batch_size, "queue_ms": round(out.queue_ms, 3),
                   "service_ms": round(out.service_ms, 3), "deadline_ms": deadline_ms}
         if out.shed:
@@ -145,8 +151,13 @@ class ADNServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _run_batch(self, items: list[Pending]) -> list[Outcome]:
         start = time.perf_counter()
-        slack = [(p.deadline - start) * 1e3 - self.settings.margin_ms for p in items]
-        choice: Choice = choose(slack, self.choices, self.latency, self.settings.on_late)
+        for p in items:
+            self._waiting.pop(id(p), None)
+        margin = self.settings.margin_ms
+        slack = [(p.deadline - start) * 1e3 - margin for p in items]
+        queued = [(d - start) * 1e3 - margin for d in self._waiting.values()]
+        choice: Choice = choose(slack, self.choices, self.latency, self.settings.on_late, queued,
+                                self.settings.max_batch)
         tops: dict[int, list[dict[str, Any]]] = {}
         if choice.run:
             images = torch.stack([items[i].image for i in choice.run])

@@ -54,10 +54,24 @@ class Choice:
     predicted_ms: float = 0.0
 
 
+def _queue_ok(first_ms: float, waiting_ms: Sequence[float], latency: LatencyModel, fastest: str,
+              max_batch: int) -> list[bool]:
+    """For the queued requests in deadline order, batched by ``max_batch`` and run with the fastest mask after a
+    batch of ``first_ms``: whether each chunk still meets its tightest deadline."""
+    ordered = sorted(waiting_ms)
+    t, ok = first_ms, []
+    for i in range(0, len(ordered), max_batch):
+        chunk = ordered[i:i + max_batch]
+        t += latency(fastest, len(chunk))
+        ok.append(t <= chunk[0])
+    return ok
+
+
 def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latency: LatencyModel,
-           on_late: str = "shed") -> Choice:
+           on_late: str = "shed", waiting_ms: Sequence[float] = (), max_batch: int = 16) -> Choice:
     """The most accurate mask of ``front`` ((mask, accuracy) pairs) whose predicted time for the batch fits the
-    tightest slack among the requests that can still meet their deadline.
+    tightest slack among the requests that can still meet their deadline, and that leaves the requests queued
+    behind the batch (``waiting_ms``: their slack) every deadline the fastest mask would have left them.
 
     A request is unreachable when even the fastest mask cannot answer it in time in this batch: with
     ``on_late="shed"`` the batch drops the fewest requests (those with the least slack) that let the others make
@@ -89,7 +103,14 @@ def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latenc
         return Choice(fastest, run, [] if on_late == "serve" else other, other if on_late == "serve" else [],
                       latency(fastest, max(size, 1)) if run else 0.0)
     tightest = min(slack_ms[i] for i in reachable)
-    fits = [(acc, -latency(mask, size), mask) for mask, acc in front if latency(mask, size) <= tightest]
+    floor = _queue_ok(latency(fastest, size), waiting_ms, latency, fastest, max_batch)
+
+    def keeps_queue(mask: str) -> bool:
+        got = _queue_ok(latency(mask, size), waiting_ms, latency, fastest, max_batch)
+        return all(g or not f for g, f in zip(got, floor, strict=True))
+
+    fits = [(acc, -latency(mask, size), mask) for mask, acc in front
+            if latency(mask, size) <= tightest and keeps_queue(mask)]
     mask = max(fits)[2] if fits else fastest
     if on_late == "shed":
         return Choice(mask, run, other, [], latency(mask, size))

@@ -26,7 +26,7 @@ class ServeSettings:
     slo_ms: float = 100.0
     on_late: str = "shed"
     max_batch: int = 16
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     margin_ms: float = 1.0
     max_body_bytes: int = 8 * 1024 * 1024
     max_ongoing: int = 512

@@ -95,6 +95,18 @@ def test_unreachable_requests_are_shed_or_served_late_as_configured() -> None:
     assert everyone_late.mask == "TTTT" and everyone_late.late == [0, 1]
 
 
+def test_a_batch_leaves_the_queue_behind_it_the_deadlines_the_fastest_mask_would() -> None:
+    # Eight queued requests: after TTTT alone (2 ms), TTTT for the eight takes 9 ms more: 11 ms in all.
+    assert choose([100.0], FRONT, LATENCY, waiting_ms=[20.0] * 8, max_batch=8).mask == "FFFF"  # 5 + 9 <= 20
+    assert choose([100.0], FRONT, LATENCY, waiting_ms=[12.0] * 8, max_batch=8).mask == "TTFF"  # 3 + 9 <= 12
+    assert choose([100.0], FRONT, LATENCY, waiting_ms=[11.0] * 8, max_batch=8).mask == "TTTT"
+    # Queued requests no mask can save do not hold the batch back: they will be shed anyway.
+    assert choose([100.0], FRONT, LATENCY, waiting_ms=[5.0] * 8, max_batch=8).mask == "FFFF"
+    # Two chunks of four behind it (max_batch 4), in deadline order: the second ends at L + 5 + 5 <= 14 ms,
+    # so the batch may take 4 ms (TFFF), not 5 (FFFF).
+    assert choose([100.0], FRONT, LATENCY, waiting_ms=[14.0] * 4 + [13.0] * 4, max_batch=4).mask == "TFFF"
+
+
 def test_a_fixed_mask_is_a_one_mask_front_with_the_same_shedding() -> None:
     fixed = [("FFFF", 0.9)]
     assert choose([100.0, 100.0], fixed, LATENCY).mask == "FFFF"
