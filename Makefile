@@ -117,6 +117,8 @@ bench: install  ## performance measurements that print ratios (benchmarks/)
 	$(PY) benchmarks/checkpoint.py
 	$(PY) benchmarks/latency_tables.py
 	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/serving.py --checkpoint $(or $(SERVE_BENCH),runs/demo) --data $(or $(SERVE_DATA),data/digits) \
+		--out runs/serving-bench
 
 gpu-wheels: install  ## the cp312 wheels benchmarks/gpu.py needs on the GPU machine, into .whl/, checked offline
 	bash benchmarks/gpu_wheels.sh $(PY)
