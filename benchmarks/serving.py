@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,15 +63,16 @@ def validation_images(data: str, limit: int) -> tuple[list[bytes], list[int]]:
 class Served:
     """One ``python -m cluster.serving`` server (what ``make serve`` runs), started and stopped by its PID."""
 
-    def __init__(self, out: Path, name: str, model_uri: str, tracking_uri: str, flags: list[str]) -> None:
-        self.state = out / "servers" / name
+    def __init__(self, name: str, model_uri: str, tracking_uri: str, flags: list[str]) -> None:
+        self.state = Path(tempfile.mkdtemp(prefix=f"adn-serving-{name.replace(' ', '-')}-"))  # PID and log
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "cluster.serving", "--state-dir", str(self.state), "start", "--port", str(port),
                "--", "--model-uri", model_uri, "--tracking-uri", tracking_uri, *flags]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(f"the {name} server did not start: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"the {name} server did not start (log: {self.state / 'serving.log'}): "
+                               f"{done.stderr.strip()[-2000:]}")
         self.info = requests.get(f"{self.url}/v1/model", timeout=30).json()
 
     def stop(self) -> None:
@@ -229,7 +231,7 @@ def log_run(results: dict[str, Any], out: Path, tracking_uri: str, model_uri: st
 
 
 def run_policy(name: str, flags: list[str], ctx: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
-    server = Served(ctx["out"], name, ctx["model_uri"], ctx["tracking_uri"], flags)
+    server = Served(name, ctx["model_uri"], ctx["tracking_uri"], flags)
     try:
         rng = np.random.default_rng(1)
         runs = {}
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     super_mask, base_mask = "F" * n, "T" * n
     caps, slo, info, cost = {}, args.slo_ms, {}, {}
     for key, mask in (("super", super_mask), ("base", base_mask)):
-        server = Served(out, f"capacity-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
+        server = Served(f"capacity-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
         try:
             if key == "super":
                 info = server.info
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 cost = {**overhead(answers), "requests": len(answers)}
         finally:
             server.stop()
-    ctx = {"out": out, "model_uri": model_uri, "tracking_uri": tracking_uri, "cap": caps["super"], "slo": slo,
+    ctx = {"model_uri": model_uri, "tracking_uri": tracking_uri, "cap": caps["super"], "slo": slo,
            "images": images, "seconds": args.seconds, "burst_seconds": args.burst_seconds, "period": args.period_s}
     # The best fixed middle mask: of up to three middle masks of the front, the best effective accuracy on a
     # short bursty trace.
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
     best_middle, best_score = None, -1.0
     for mask in dict.fromkeys(middle):
-        server = Served(out, f"pick-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
+        server = Served(f"pick-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
         try:
             arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
             score = loadgen.summarize(server.replay(arrivals, *images, slo))["effective_accuracy"]

@@ -8,7 +8,6 @@ builder that ``serve run`` config files and KubeRay's ``RayService`` name (``imp
 
 import asyncio
 import concurrent.futures
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +19,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
 
-from .model import BadInput, ServedModel, locate
+from .deadline import BadInput, parse_deadline, request_start
+from .model import ServedModel, locate
 from .policy import Choice, choose
 from .settings import ServeSettings
 
@@ -43,19 +43,6 @@ class Outcome:
     top: list[dict[str, Any]] | None = None
     shed: bool = False
     late: bool = False
-
-
-def parse_deadline(header: str | None, default_ms: float) -> float:
-    """The ``X-Deadline-Ms`` header as milliseconds (the server's SLO when absent)."""
-    if header is None:
-        return default_ms
-    try:
-        value = float(header)
-    except ValueError:
-        raise BadInput(f"X-Deadline-Ms must be a number of milliseconds, got {header!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise BadInput(f"X-Deadline-Ms must be a positive number of milliseconds, got {header!r}.")
-    return value
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -83,6 +70,8 @@ class ADNServer:
         self._fastest_ms = min(self.latency(m, 1) for m in self.served.masks)
         self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adn-forward")
         self._waiting: dict[int, float] = {}  # deadlines of the requests queued for a batch, by id(Pending)
+        self._idle: asyncio.Event | None = None  # set while no batch runs (made in the replica's event loop)
+        self._slowdown = 1.0  # observed / predicted service time, a moving average (contention, throttling)
         self._run_batch.set_max_batch_size(self.settings.max_batch)
         self._run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1e3)
         self._requests = metrics.Counter("adn_requests", "requests answered, per mask", tag_keys=("mask",))
@@ -95,10 +84,6 @@ class ADNServer:
         print(f"replica ready: {self.served.name} on {self.settings.device}, policy {self.settings.policy}, "
               f"latency model (ms per batch): {self.latency.as_json()}", flush=True)
 
-    def check_health(self) -> None:
-        if self._forward._shutdown:
-            raise RuntimeError("the forward thread has stopped.")
-
     @api.get("/v1/model")
     def describe(self) -> dict[str, Any]:
         s = self.settings
@@ -106,7 +91,8 @@ class ADNServer:
             "model": self.served.name, "classes": self.served.classes, "target": self.served.target,
             "resolution": self.served.resolution,
             "front": [asdict(p) for p in self.served.front],
-            "latency_model": {"measured_on": s.device, "threads": s.threads, "ms_per_batch": self.latency.as_json()},
+            "latency_model": {"measured_on": s.device, "threads": s.threads, "ms_per_batch": self.latency.as_json(),
+                              "slowdown_now": round(self._slowdown, 3)},
             "policy": {"name": s.policy, "mask": self.served.fixed_mask, "slo_ms": s.slo_ms, "on_late": s.on_late,
                        "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "margin_ms": s.margin_ms},
             "source": s.model_uri or s.checkpoint, "pid": os.getpid(),
@@ -114,8 +100,8 @@ class ADNServer:
 
     @api.post("/v1/classify")
     async def classify(self, request: Request) -> JSONResponse:
-        arrival = time.perf_counter()
         try:
+            arrival = request_start(request.headers.get("x-request-start"), time.perf_counter(), time.time())
             deadline_ms = parse_deadline(request.headers.get("x-deadline-ms"), self.settings.slo_ms)
         except BadInput as err:
             return _error(400, str(err))
@@ -137,7 +123,14 @@ class ADNServer:
             return _error(400, str(err))
         pending = Pending(image, arrival, arrival + deadline_ms / 1e3)
         self._waiting[id(pending)] = pending.deadline
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
         try:
+            # @serve.batch forms a batch as soon as a request arrives, even while the model is busy: the requests
+            # wait here instead, and all that came during a batch enter the next one together.
+            while not self._idle.is_set():
+                await self._idle.wait()
             out: Outcome = await self._run_batch(pending)
         finally:
             self._waiting.pop(id(pending), None)
@@ -150,14 +143,21 @@ class ADNServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _run_batch(self, items: list[Pending]) -> list[Outcome]:
+        self._idle.clear()
+        try:
+            return await self._decide_and_run(items)
+        finally:
+            self._idle.set()
+
+    async def _decide_and_run(self, items: list[Pending]) -> list[Outcome]:
         start = time.perf_counter()
         for p in items:
             self._waiting.pop(id(p), None)
         margin = self.settings.margin_ms
         slack = [(p.deadline - start) * 1e3 - margin for p in items]
         queued = [(d - start) * 1e3 - margin for d in self._waiting.values()]
-        choice: Choice = choose(slack, self.choices, self.latency, self.settings.on_late, queued,
-                                self.settings.max_batch)
+        choice: Choice = choose(slack, self.choices, lambda m, b: self.latency(m, b) * self._slowdown,
+                                self.settings.on_late, queued, self.settings.max_batch)
         tops: dict[int, list[dict[str, Any]]] = {}
         if choice.run:
             images = torch.stack([items[i].image for i in choice.run])
@@ -166,6 +166,9 @@ class ADNServer:
             tops = dict(zip(choice.run, self.served.top(probs), strict=True))
         done = time.perf_counter()
         service_ms = (done - start) * 1e3 if choice.run else 0.0
+        if choice.run:
+            ratio = service_ms / self.latency(choice.mask, len(choice.run))
+            self._slowdown = min(max(0.8 * self._slowdown + 0.2 * ratio, 0.5), 4.0)
         self._batch.observe(len(choice.run))
         shed, late = set(choice.shed), set(choice.late)
         outcomes = []

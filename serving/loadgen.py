@@ -76,8 +76,11 @@ async def _replay(url: str, arrivals: Sequence[float], bodies: Sequence[bytes], 
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             body, label = bodies[i % len(bodies)], labels[i % len(labels)]
             answer = Answer(arrivals[i], 0.0, 0, label, deadline_ms)
+            # The deadline counts from the scheduled send time (X-Request-Start), as an open-loop client's does.
+            headers = {"X-Deadline-Ms": f"{deadline_ms:g}",
+                       "X-Request-Start": f"t={time.time() - (time.perf_counter() - scheduled):.6f}"}
             try:
-                async with session.post(url, data=body, headers={"X-Deadline-Ms": f"{deadline_ms:g}"}) as r:
+                async with session.post(url, data=body, headers=headers) as r:
                     answer.status = r.status
                     data = await r.json(content_type=None)
                 answer.mask = data.get("mask", "")

@@ -18,14 +18,11 @@ from adn.checkpoint import load_trained, read_metadata, resolve_weights
 from pipeline.data.loader import decode_image
 from pipeline.data.transforms import Normalize, val_transform
 
+from .deadline import BadInput
 from .policy import LatencyModel
 
 REGISTRY_SCHEME = "models:/"
 FRONTS_DIR = "fronts"  # inside a registered model's artifacts: one pareto-<target>.json per searched target
-
-
-class BadInput(ValueError):
-    """A request the server cannot answer as sent (the message is the answer's sentence)."""
 
 
 @dataclass(frozen=True)

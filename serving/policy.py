@@ -6,7 +6,7 @@ A pure function, so it is tested on its own; the Ray Serve deployment only wires
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 ON_LATE = ("shed", "serve")
@@ -54,7 +54,10 @@ class Choice:
     predicted_ms: float = 0.0
 
 
-def _queue_ok(first_ms: float, waiting_ms: Sequence[float], latency: LatencyModel, fastest: str,
+Latency = Callable[[str, int], float]  # (mask, batch size) -> ms: a LatencyModel, possibly scaled
+
+
+def _queue_ok(first_ms: float, waiting_ms: Sequence[float], latency: Latency, fastest: str,
               max_batch: int) -> list[bool]:
     """For the queued requests in deadline order, batched by ``max_batch`` and run with the fastest mask after a
     batch of ``first_ms``: whether each chunk still meets its tightest deadline."""
@@ -67,7 +70,7 @@ def _queue_ok(first_ms: float, waiting_ms: Sequence[float], latency: LatencyMode
     return ok
 
 
-def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latency: LatencyModel,
+def choose(slack_ms: Sequence[float], front: Sequence[tuple[str, float]], latency: Latency,
            on_late: str = "shed", waiting_ms: Sequence[float] = (), max_batch: int = 16) -> Choice:
     """The most accurate mask of ``front`` ((mask, accuracy) pairs) whose predicted time for the batch fits the
     tightest slack among the requests that can still meet their deadline, and that leaves the requests queued

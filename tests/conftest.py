@@ -24,7 +24,7 @@ FAST = ["--model", "resnet_mini", "--epochs", "2", "--batch-size", "32", "--work
 
 
 # The longest files first: pytest-xdist's workers take one file at a time, so they then finish close together.
-LONGEST_FIRST = ("search/test_pareto.py", "cluster/test_services.py", "pipeline/test_launch.py",
+LONGEST_FIRST = ("search/test_pareto.py", "cluster/test_services.py", "pipeline/test_launch.py", "serving/test_app.py",
                  "pipeline/test_train.py", "pipeline/test_demo.py", "studies/test_finetune.py", "studies/test_paper.py",
                  "pipeline/test_checkpoints.py")
 

@@ -116,14 +116,14 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """resnet50 at 64 px: slow enough on a CPU (about 30 ms an image) that a burst overloads the model, not HTTP."""
-    return make_checkpoint(tmp_path_factory.mktemp("served"), "resnet50", crop=64)
+    """resnet50 at 96 px: slow enough on a CPU (about 50 ms an image) that a burst overloads the model, not HTTP."""
+    return make_checkpoint(tmp_path_factory.mktemp("served"), "resnet50", crop=96)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path) -> Iterator[Server]:
-    """The deadline policy, batches of up to 8 gathered for up to 10 ms (so concurrent requests share batches)."""
-    running = start_server(checkpoint, "--max-batch", "8", "--batch-wait-ms", "10", "--slo-ms", "2000",
+    """The deadline policy, batches of up to 4 gathered for up to 10 ms (so concurrent requests share batches)."""
+    running = start_server(checkpoint, "--max-batch", "4", "--batch-wait-ms", "10", "--slo-ms", "2000",
                            "--max-body-bytes", "200000", state=checkpoint / "adaptive")
     yield running
     stop_server(running)

@@ -15,7 +15,7 @@ def test_gamma_arrivals_have_the_rate_and_the_squared_coefficient_of_variation_a
     gaps = np.diff(arrivals)
     assert len(arrivals) / 400.0 == pytest.approx(50.0, rel=0.1)
     assert gaps.var() / gaps.mean() ** 2 == pytest.approx(cv2, rel=0.15)
-    assert arrivals == sorted(arrivals) and 0 <= arrivals[0] and arrivals[-1] < 400.0
+    assert arrivals == sorted(arrivals) and arrivals[0] >= 0 and arrivals[-1] < 400.0
 
 
 def test_phases_follow_their_rates_one_after_the_other() -> None:

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from serving.deadline import BadInput, request_start
 from serving.policy import LatencyModel, choose
 
 # Four front masks: ms per batch of 1, 2, 4, 8 (a batch costs less per image as it grows).
@@ -117,3 +118,14 @@ def test_a_fixed_mask_is_a_one_mask_front_with_the_same_shedding() -> None:
     assert (choice.mask, choice.run, choice.shed) == ("FFFF", [0], [1])
     with pytest.raises(ValueError, match="on_late"):
         choose([1.0], fixed, LATENCY, on_late="drop")
+
+
+def test_the_request_start_header_moves_the_deadline_back_to_when_the_request_started() -> None:
+    now_perf, now_epoch = 1000.0, 1_800_000_000.0
+    assert request_start(None, now_perf, now_epoch) == now_perf
+    for header in ("t=1799999999.95", "t=1799999999950", "t=1799999999950000"):  # s, ms, us: 50 ms ago
+        assert request_start(header, now_perf, now_epoch) == pytest.approx(now_perf - 0.05, abs=1e-6)
+    assert request_start("t=1800000001", now_perf, now_epoch) == now_perf  # a skewed clock: not in the future
+    for bad in ("soon", "t=-5", "t=inf"):
+        with pytest.raises(BadInput, match="X-Request-Start"):
+            request_start(bad, now_perf, now_epoch)
