@@ -128,7 +128,8 @@ def trace_bins(answers: list[loadgen.Answer], width_s: float) -> list[dict[str, 
 
 
 def overhead(answers: list[loadgen.Answer]) -> dict[str, float]:
-    """Medians of what the server adds to the model's own time: total, queue (in the replica), the HTTP hops."""
+    """Medians of what the server adds to the model's own time: total, from the send to the batch's start, and the
+    way back."""
     ok = [a for a in answers if a.status == 200]
     return {"total_ms": statistics.median(a.latency_ms - a.service_ms for a in ok),
             "queue_ms": statistics.median(a.queue_ms for a in ok),
@@ -169,9 +170,9 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"- {p}: " + ", ".join(f"{m} {100 * v:.0f} %" for m, v in mix.items()))
     o = results["overhead"]
     lines += ["", f"Server cost at 0.1 x capacity (fixed FF..F, medians over {o['requests']} requests): "
-              f"{o['total_ms']:.2f} ms over the model's {o['service_ms']:.2f} ms: queue in the replica "
-              f"{o['queue_ms']:.2f} ms (decode, batch formation, policy), HTTP and Ray Serve hops "
-              f"{o['hops_ms']:.2f} ms."]
+              f"{o['total_ms']:.2f} ms over the model's {o['service_ms']:.2f} ms: from the client's send to the "
+              f"batch's start {o['queue_ms']:.2f} ms (HTTP to the proxy, Ray Serve to the replica, decode, batch "
+              f"formation, policy), the answer's way back {o['hops_ms']:.2f} ms."]
     return "\n".join(lines) + "\n"
 
 
