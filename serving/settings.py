@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .policy import ON_LATE
 
@@ -34,7 +33,6 @@ class ServeSettings:
     threads: int = 1
     device: str = "cpu"
     latency_budget_s: float = 20.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """One sentence for the first setting a replica could not serve with."""
