@@ -22,12 +22,16 @@ class FrontPoint:
 
 
 class DepthSelector:
-    """The Pareto front of one model on one target, sorted by latency; ``select(budget_ms)`` -> mask."""
+    """The Pareto front of one model on one target, sorted by latency; ``select(budget_ms)`` -> mask.
 
-    def __init__(self, front: list[FrontPoint]) -> None:
+    ``model`` and ``target`` say what the front was searched for, when the file says it.
+    """
+
+    def __init__(self, front: list[FrontPoint], model: str | None = None, target: str | None = None) -> None:
         if not front:
             raise ValueError("the Pareto front is empty; run python -m search.pareto first.")
         self.front = sorted(front, key=lambda p: p.latency_ms)
+        self.model, self.target = model, target
         self._latencies = [p.latency_ms for p in self.front]
 
     @classmethod
@@ -39,11 +43,12 @@ class DepthSelector:
         try:
             data = json.loads(path.read_text())
             front = [FrontPoint(p["mask"], float(p["acc1"]), float(p["latency_ms"])) for p in data["front"]]
+            model, target = data.get("model"), data.get("target")
         except FileNotFoundError:
             raise FileNotFoundError(f"no Pareto file at {str(path)!r}; run python -m search.pareto first.") from None
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{str(path)!r} is not a pareto.json written by search.pareto ({err}).") from err
-        return cls(front)
+        return cls(front, model, target)
 
     def select(self, budget_ms: float) -> str:
         """The most accurate front mask whose latency fits ``budget_ms``; the fastest one when none fits.

@@ -138,17 +138,12 @@ def overhead(answers: list[loadgen.Answer]) -> dict[str, float]:
 
 
 def register(checkpoint: str, tracking_uri: str) -> str:
-    from serving.register import main as register_main
+    """Register the checkpoint (``python -m serving.register``) and return its new version's URI."""
+    from serving.register import parser
+    from serving.register import register as register_version
 
-    before = time.time()
-    if register_main(["--checkpoint", checkpoint, "--tracking-uri", tracking_uri]) != 0:
-        raise SystemExit("could not register the checkpoint")
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    newest = max((v for v in client.search_model_versions() if v.creation_timestamp / 1e3 >= before - 1),
-                 key=lambda v: v.creation_timestamp)
-    return f"models:/{newest.name}/{newest.version}"
+    name, version = register_version(parser().parse_args(["--checkpoint", checkpoint, "--tracking-uri", tracking_uri]))
+    return f"models:/{name}/{version}"
 
 
 def table(results: dict[str, Any]) -> str:

@@ -3,18 +3,17 @@ Registry, with the recipe's validation transforms and a latency model measured o
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from adn.checkpoint import load_trained, read_metadata, resolve_weights
+from adn.runtime import DepthSelector
 from pipeline.data.loader import decode_image
 from pipeline.data.transforms import Normalize, val_transform
 
@@ -25,35 +24,17 @@ REGISTRY_SCHEME = "models:/"
 FRONTS_DIR = "fronts"  # inside a registered model's artifacts: one pareto-<target>.json per searched target
 
 
-@dataclass(frozen=True)
-class FrontMask:
-    mask: str
-    acc1: float
-    latency_ms: float  # what the search's table predicted on its target (the replica measures its own)
-
-
-def read_front(path: str | os.PathLike[str], model: str, target: str | None) -> tuple[list[FrontMask], str]:
-    """The front of a ``pareto.json`` (or the directory holding it) searched for ``model`` on ``target``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "pareto.json"
-    try:
-        data = json.loads(path.read_text())
-        front = [FrontMask(p["mask"], float(p["acc1"]), float(p["latency_ms"])) for p in data["front"]]
-        found_model, found_target = str(data["model"]), str(data["target"])
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no Pareto front at {str(path)!r}; run python -m search.pareto first.") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{str(path)!r} is not a pareto.json written by search.pareto ({err}).") from None
-    if found_model != model:
-        raise ValueError(f"the front {str(path)!r} was searched for {found_model}, the checkpoint is {model}; "
+def read_front(path: str | os.PathLike[str], model: str, target: str | None) -> DepthSelector:
+    """The front of a ``pareto.json`` (or the directory holding it), checked to be searched for ``model`` on
+    ``target`` (any target when None)."""
+    selector = DepthSelector.from_file(path)
+    if selector.model != model:
+        raise ValueError(f"the front {str(path)!r} was searched for {selector.model}, the checkpoint is {model}; "
                          "pass the front of this checkpoint.")
-    if target is not None and found_target != target:
-        raise ValueError(f"the front {str(path)!r} was searched for target {found_target!r}, this server serves "
-                         f"{target!r}; pass --target {found_target} or the front of {target}.")
-    if not front:
-        raise ValueError(f"the front in {str(path)!r} is empty.")
-    return sorted(front, key=lambda p: p.latency_ms), found_target
+    if target is not None and selector.target != target:
+        raise ValueError(f"the front {str(path)!r} was searched for target {selector.target!r}, this server "
+                         f"serves {target!r}; pass --target {selector.target} or the front of {target}.")
+    return selector
 
 
 def fetch_registered(uri: str, tracking_uri: str | None) -> Path:
@@ -116,7 +97,8 @@ class ServedModel:
     def __init__(self, weights: Path, front_path: Path, target: str | None, device: str = "cpu",
                  fixed_mask: str | None = None) -> None:
         meta = read_metadata(weights)
-        self.front, self.target = read_front(front_path, meta["model"], target)
+        selector = read_front(front_path, meta["model"], target)
+        self.front, self.target = selector.front, selector.target
         self.model, self.meta = load_trained(weights, map_location=device)
         self.device = torch.device(device)
         self.name: str = meta["model"]

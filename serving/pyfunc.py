@@ -30,7 +30,7 @@ class ADNPyfunc(mlflow.pyfunc.PythonModel):
         self.targets = {p.stem.removeprefix("pareto-"): p for p in fronts}
         self.default_target = next(iter(self.targets))
         self.served = ServedModel(weights, self.targets[self.default_target], self.default_target)
-        self.fronts = {t: read_front(p, self.served.name, t)[0] for t, p in self.targets.items()}
+        self.fronts = {t: read_front(p, self.served.name, t) for t, p in self.targets.items()}
 
     def _mask(self, params: dict[str, Any]) -> str:
         mask, budget = params.get("mask") or "", float(params.get("budget_ms") or 0.0)
@@ -39,11 +39,10 @@ class ADNPyfunc(mlflow.pyfunc.PythonModel):
         target = params.get("target") or self.default_target
         if target not in self.fronts:
             raise ValueError(f"no front for target {target!r}; this model has {', '.join(self.fronts)}.")
-        front = self.fronts[target]
+        selector = self.fronts[target]
         if budget > 0:
-            within = [p for p in front if p.latency_ms <= budget]
-            return (max(within, key=lambda p: p.acc1) if within else min(front, key=lambda p: p.latency_ms)).mask
-        return max(front, key=lambda p: p.acc1).mask
+            return selector.select(budget)
+        return max(selector.front, key=lambda p: p.acc1).mask
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         mask = self._mask(params or {})

@@ -48,7 +48,7 @@ def gather(checkpoint: str, paretos: list[str] | None) -> tuple[Path, dict[str, 
     fronts: dict[str, Path] = {}
     for path in found:
         path = path / "pareto.json" if path.is_dir() else path
-        _, target = read_front(path, meta["model"], None)
+        target = read_front(path, meta["model"], None).target
         if target in fronts:
             raise ValueError(f"two fronts for target {target!r} ({fronts[target]} and {path}); pass one.")
         fronts[target] = path
