@@ -34,12 +34,12 @@ from pipeline.distributed import accepts, free_port, port_taken
 from .state import (
     ServiceError,
     is_running,
+    launch,
     read_record,
     state_dir,
     stop_group,
     tail,
     wait_until,
-    write_record,
     write_secret,
 )
 
@@ -262,14 +262,10 @@ def start(args: argparse.Namespace) -> int:
         env.update(_auth_config(root, db_url, local_pg))
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     uri = f"http://{host}:{args.port}"
-    with open(log_path, "a") as log:
-        log.write(f"=== start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {redact(db_url)} -> {uri}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
-    write_record(record_path, {"pid": proc.pid, "uri": uri, "host": args.host, "port": args.port,
-                               "backend": redact(db_url), "artifacts": artifacts, "auth": args.auth,
-                               "local_postgres": local_pg, "log": str(log_path)})
+    proc = launch(cmd, log_path, record_path,
+                  {"uri": uri, "host": args.host, "port": args.port, "backend": redact(db_url), "artifacts": artifacts,
+                   "auth": args.auth, "local_postgres": local_pg},
+                  f"start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {redact(db_url)} -> {uri}", env)
     began = time.monotonic()
     if not wait_until(lambda: health(uri), args.timeout, interval_s=0.5, alive=lambda: proc.poll() is None):
         exited = proc.poll() is not None

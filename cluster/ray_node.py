@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,12 +27,12 @@ from search.ray_client import auth_env, parse_address, token_file
 from .state import (
     ServiceError,
     is_running,
+    launch,
     read_record,
     state_dir,
     stop_group,
     tail,
     wait_until,
-    write_record,
     write_secret,
 )
 
@@ -81,14 +80,9 @@ def _ray() -> str:
 
 def _launch(role: str, root: Path, cmd: list[str], env: dict[str, str], record: dict) -> int:
     log_path = root / "ray" / f"{role}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     start_at = log_path.stat().st_size if log_path.exists() else 0
-    with open(log_path, "a") as log:
-        log.write(f"=== {role} start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, start_new_session=True)
-    write_record(root / "ray" / f"{role}.json", {**record, "pid": proc.pid, "log": str(log_path)})
+    proc = launch(cmd, log_path, root / "ray" / f"{role}.json", record,
+                  f"{role} start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}", {**os.environ, **env})
 
     def started() -> bool:
         with open(log_path, errors="replace") as f:

@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.request
 
-from .state import ServiceError, is_running, read_record, state_dir, stop_group, tail, wait_until, write_record
+from .state import ServiceError, is_running, launch, read_record, state_dir, stop_group, tail, wait_until
 
 MARKER = "serving"
 START_TIMEOUT_S = 300.0
@@ -44,14 +44,10 @@ def start(args: argparse.Namespace) -> int:
         raise ServiceError(check.stderr.strip().removeprefix("error: ") or "python -m serving refused its flags.")
     log_path = root / "serving.log"
     cmd = [sys.executable, "-m", "serving", *flags, "--port", str(args.port), "--host", args.host]
-    with open(log_path, "a") as log:
-        log.write(f"=== start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     url = f"http://{host}:{args.port}"
-    write_record(root / "serving.json", {"pid": proc.pid, "url": url, "log": str(log_path), "cmd": cmd})
+    proc = launch(cmd, log_path, root / "serving.json", {"url": url, "cmd": cmd},
+                  f"start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}")
     if not wait_until(lambda: _answers(url), START_TIMEOUT_S, interval_s=0.5, alive=lambda: proc.poll() is None):
         stop_group(proc.pid, MARKER, grace_s=20)
         raise ServiceError(f"the ADN server did not start within {START_TIMEOUT_S:.0f} s (log: {log_path}):\n"

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,20 @@ def write_secret(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value)
+
+
+def launch(cmd: list[str], log_path: Path, record_path: Path, record: dict[str, Any], header: str,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a service in its own session (its process group is what stop_group stops), its output appended to
+    ``log_path`` after a ``=== header`` line, and record its PID and log beside ``record``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"=== {header}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+    write_record(record_path, {**record, "pid": proc.pid, "log": str(log_path)})
+    return proc
 
 
 def is_running(pid: int, marker: str) -> bool:
