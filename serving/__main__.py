@@ -40,8 +40,14 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("--slo-ms", type=float, default=100.0, help="deadline of a request without X-Deadline-Ms")
     pol.add_argument("--on-late", default="shed", choices=ON_LATE,
                      help="a request no mask can answer in time: shed (HTTP 503) or serve it late")
-    pol.add_argument("--margin-ms", type=float, default=1.0,
-                     help="slack kept for the way back to the client (default 1 ms)")
+    pol.add_argument("--margin-ms", type=float, default=3.0,
+                     help="slack kept for the way back to the client (default 3 ms)")
+    pol.add_argument("--calm-s", type=float, default=2.0,
+                     help="after a shed, a miss or a long queue only the faster half of the masks stays allowed; "
+                          "one slower mask comes back per calm period of this many seconds (default 2)")
+    pol.add_argument("--pressure", type=float, default=0.5,
+                     help="a request that waited more than this share of its deadline counts as trouble "
+                          "(default 0.5)")
     bat = p.add_argument_group("batching and replicas")
     bat.add_argument("--max-batch", type=int, default=16, help="largest batch (@serve.batch max_batch_size)")
     bat.add_argument("--batch-wait-ms", type=float, default=0.0,

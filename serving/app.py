@@ -21,7 +21,7 @@ from ray.serve import metrics
 
 from .deadline import BadInput, parse_deadline, request_start
 from .model import ServedModel, locate
-from .policy import Choice, choose
+from .policy import Choice, DepthCap, choose, fastest_first
 from .settings import ServeSettings
 
 INLINE_DECODE_BYTES = 256 * 1024  # larger bodies are decoded off the event loop
@@ -66,7 +66,8 @@ class ADNServer:
                                   self.settings.mask if self.settings.policy == "fixed" else None)
         self.latency = self.served.measure_latency(self.settings.max_batch, self.settings.latency_budget_s)
         acc = {p.mask: p.acc1 for p in self.served.front}
-        self.choices = [(m, acc.get(m, 0.0)) for m in self.served.masks]
+        self.choices = fastest_first([(m, acc.get(m, 0.0)) for m in self.served.masks], self.latency)
+        self._cap = DepthCap(len(self.choices), self.settings.calm_s, self.settings.pressure)
         self._fastest_ms = min(self.latency(m, 1) for m in self.served.masks)
         self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adn-forward")
         self._waiting: dict[int, float] = {}  # deadlines of the requests queued for a batch, by id(Pending)
@@ -81,6 +82,7 @@ class ADNServer:
                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
         self._batch = metrics.Histogram("adn_batch_size", "requests per batch run",
                                         boundaries=[1, 2, 4, 8, 16, 32, 64, 128])
+        self._allowed = metrics.Gauge("adn_masks_allowed", "front masks a batch may pick from, fastest first")
         print(f"replica ready: {self.served.name} on {self.settings.device}, policy {self.settings.policy}, "
               f"latency model (ms per batch): {self.latency.as_json()}", flush=True)
 
@@ -94,7 +96,9 @@ class ADNServer:
             "latency_model": {"measured_on": s.device, "threads": s.threads, "ms_per_batch": self.latency.as_json(),
                               "slowdown_now": round(self._slowdown, 3)},
             "policy": {"name": s.policy, "mask": self.served.fixed_mask, "slo_ms": s.slo_ms, "on_late": s.on_late,
-                       "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "margin_ms": s.margin_ms},
+                       "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "margin_ms": s.margin_ms,
+                       "calm_s": s.calm_s, "pressure": s.pressure,
+                       "masks_allowed_now": [m for m, _ in self.choices[:self._cap.allowed]]},
             "source": s.model_uri or s.checkpoint, "pid": os.getpid(),
         }
 
@@ -156,8 +160,9 @@ class ADNServer:
         margin = self.settings.margin_ms
         slack = [(p.deadline - start) * 1e3 - margin for p in items]
         queued = [(d - start) * 1e3 - margin for d in self._waiting.values()]
-        choice: Choice = choose(slack, self.choices, lambda m, b: self.latency(m, b) * self._slowdown,
-                                self.settings.on_late, queued, self.settings.max_batch)
+        choice: Choice = choose(slack, self.choices[:self._cap.allowed],
+                                lambda m, b: self.latency(m, b) * self._slowdown, self.settings.on_late, queued,
+                                self.settings.max_batch)
         tops: dict[int, list[dict[str, Any]]] = {}
         if choice.run:
             images = torch.stack([items[i].image for i in choice.run])
@@ -171,6 +176,10 @@ class ADNServer:
             self._slowdown = min(max(0.8 * self._slowdown + 0.2 * ratio, 0.5), 4.0)
         self._batch.observe(len(choice.run))
         shed, late = set(choice.shed), set(choice.late)
+        answered_late = sum(done > items[i].deadline - margin / 1e3 for i in choice.run)
+        trouble = self._cap.troubled([(start - p.arrival) * 1e3 for p in items],
+                                     [(p.deadline - p.arrival) * 1e3 for p in items], len(shed), answered_late)
+        self._allowed.set(self._cap.update(done, trouble))
         outcomes = []
         for i, p in enumerate(items):
             queue_ms = (start - p.arrival) * 1e3

@@ -6,6 +6,7 @@ A pure function, so it is tested on its own; the Ray Serve deployment only wires
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -15,16 +16,24 @@ ON_LATE = ("shed", "serve")
 class LatencyModel:
     """Milliseconds to run a batch under each mask, measured at a few batch sizes, linear between them.
 
-    Past the largest measured size, time grows in proportion to the batch (no batching gain assumed).
+    Past the largest measured size, time grows in proportion to the batch (no batching gain assumed). A larger
+    batch never takes less time than a smaller one: a measured dip (noise, a faster kernel) is raised to the
+    largest time measured at a smaller size, so that the policy never counts on it.
     """
 
     def __init__(self, table: Mapping[str, Mapping[int, float]]) -> None:
         if not table:
             raise ValueError("the latency model needs at least one mask.")
-        self.table = {mask: dict(sorted((int(b), float(ms)) for b, ms in row.items())) for mask, row in table.items()}
-        for mask, row in self.table.items():
-            if not row or min(row) < 1:
-                raise ValueError(f"the latency of mask {mask} needs batch sizes of 1 or more, got {sorted(row)}.")
+        self.table: dict[str, dict[int, float]] = {}
+        for mask, row in table.items():
+            measured = sorted((int(b), float(ms)) for b, ms in row.items())
+            if not measured or measured[0][0] < 1:
+                raise ValueError(f"the latency of mask {mask} needs batch sizes of 1 or more, got {dict(measured)}.")
+            envelope, top = {}, 0.0
+            for b, ms in measured:
+                top = max(top, ms)
+                envelope[b] = top
+            self.table[mask] = envelope
 
     def __call__(self, mask: str, batch_size: int) -> float:
         row = self.table[mask]
@@ -55,6 +64,43 @@ class Choice:
 
 
 Latency = Callable[[str, int], float]  # (mask, batch size) -> ms: a LatencyModel, possibly scaled
+
+
+class DepthCap:
+    """Feedback over the per-batch choice: how many of the front's masks, fastest first, a batch may pick from.
+
+    The per-batch choice sees only the requests that reached the replica; queueing before it (the proxy, the
+    network, CPU shared with them) shows up as trouble: a request shed, one answered after its deadline, or one
+    that waited more than ``pressure`` of its deadline before its batch started. After trouble only the faster
+    half of the allowed masks stays allowed; after ``calm_s`` seconds without trouble one slower mask comes back.
+    """
+
+    def __init__(self, masks: int, calm_s: float = 2.0, pressure: float = 0.5) -> None:
+        if masks < 1:
+            raise ValueError("the depth cap needs at least one mask.")
+        self.masks, self.calm_s, self.pressure = masks, calm_s, pressure
+        self.allowed = masks
+        self._since = -math.inf
+
+    def update(self, now_s: float, trouble: bool) -> int:
+        """The number of masks allowed after a batch that ended at ``now_s`` (seconds) with or without trouble."""
+        if trouble:
+            self.allowed = max(1, self.allowed // 2)
+            self._since = now_s
+        elif self.allowed < self.masks and now_s - self._since >= self.calm_s:
+            self.allowed += 1
+            self._since = now_s
+        return self.allowed
+
+    def troubled(self, waited_ms: Sequence[float], budget_ms: Sequence[float], shed: int, missed: int) -> bool:
+        """Whether a batch had trouble: a shed or missed request, or one that waited more than ``pressure`` of its
+        deadline (``waited_ms[i]`` of ``budget_ms[i]``) before the batch started."""
+        return shed > 0 or missed > 0 or any(w > self.pressure * b for w, b in zip(waited_ms, budget_ms, strict=True))
+
+
+def fastest_first(front: Sequence[tuple[str, float]], latency: Latency) -> list[tuple[str, float]]:
+    """The front ordered by the time of a batch of one, fastest first (ties: the more accurate first)."""
+    return sorted(front, key=lambda p: (latency(p[0], 1), -p[1]))
 
 
 def _queue_ok(first_ms: float, waiting_ms: Sequence[float], latency: Latency, fastest: str,

@@ -26,7 +26,9 @@ class ServeSettings:
     on_late: str = "shed"
     max_batch: int = 16
     batch_wait_ms: float = 0.0
-    margin_ms: float = 1.0
+    margin_ms: float = 3.0
+    calm_s: float = 2.0
+    pressure: float = 0.5
     max_body_bytes: int = 8 * 1024 * 1024
     max_ongoing: int = 512
     replicas: int = 1
@@ -44,7 +46,9 @@ class ServeSettings:
             raise ValueError("--mask goes with --policy fixed; the deadline policy picks masks from the front.")
         if self.on_late not in ON_LATE:
             raise ValueError(f"--on-late must be one of {', '.join(ON_LATE)}, got {self.on_late!r}.")
-        for name in ("slo_ms", "batch_wait_ms", "margin_ms", "latency_budget_s"):
+        if not 0 < self.pressure <= 1:
+            raise ValueError(f"--pressure must be in (0, 1], got {self.pressure}.")
+        for name in ("slo_ms", "batch_wait_ms", "margin_ms", "latency_budget_s", "calm_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "slo_ms" and value == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}.")

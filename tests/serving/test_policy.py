@@ -9,7 +9,7 @@ import random
 import pytest
 
 from serving.deadline import BadInput, request_start
-from serving.policy import LatencyModel, choose
+from serving.policy import DepthCap, LatencyModel, choose, fastest_first
 
 # Four front masks: ms per batch of 1, 2, 4, 8 (a batch costs less per image as it grows).
 TABLE = {
@@ -42,6 +42,13 @@ def test_latency_model_interpolates_between_measured_sizes_and_extrapolates_per_
     assert LATENCY("FFFF", 16) == pytest.approx(44.0)  # 22 ms per 8, twice
     with pytest.raises(ValueError, match="batch sizes of 1 or more"):
         LatencyModel({"FFFF": {0: 1.0}})
+
+
+def test_a_measured_dip_at_a_larger_batch_is_raised_to_the_time_of_the_smaller_one() -> None:
+    noisy = LatencyModel({"FFFF": {1: 18.0, 2: 26.0, 4: 37.0, 8: 64.0, 16: 49.0}})  # measured on this CPU
+    assert noisy("FFFF", 16) == 64.0
+    assert noisy("FFFF", 12) == 64.0
+    assert all(noisy("FFFF", b) <= noisy("FFFF", b + 1) for b in range(1, 32))
 
 
 def test_the_chosen_mask_is_the_most_accurate_that_fits() -> None:
@@ -106,6 +113,32 @@ def test_a_batch_leaves_the_queue_behind_it_the_deadlines_the_fastest_mask_would
     # Two chunks of four behind it (max_batch 4), in deadline order: the second ends at L + 5 + 5 <= 14 ms,
     # so the batch may take 4 ms (TFFF), not 5 (FFFF).
     assert choose([100.0], FRONT, LATENCY, waiting_ms=[14.0] * 4 + [13.0] * 4, max_batch=4).mask == "TFFF"
+
+
+def test_the_depth_cap_halves_the_allowed_masks_on_trouble_and_gives_one_back_per_calm_period() -> None:
+    cap = DepthCap(8, calm_s=2.0, pressure=0.5)
+    assert cap.allowed == 8
+    assert cap.update(10.0, trouble=True) == 4
+    assert cap.update(10.5, trouble=True) == 2
+    assert cap.update(11.0, trouble=True) == 1
+    assert cap.update(12.0, trouble=True) == 1  # the fastest mask always stays
+    assert cap.update(13.9, trouble=False) == 1  # 1.9 s calm: not yet
+    assert cap.update(14.0, trouble=False) == 2
+    assert cap.update(15.0, trouble=False) == 2
+    assert cap.update(16.0, trouble=False) == 3
+    assert [cap.update(16.0 + 2 * k, trouble=False) for k in range(1, 8)] == [4, 5, 6, 7, 8, 8, 8]
+    # Trouble: a shed, an answer past its deadline, or a wait over half the deadline before the batch started.
+    assert not cap.troubled([10.0, 49.0], [100.0, 100.0], shed=0, missed=0)
+    assert cap.troubled([10.0, 51.0], [100.0, 100.0], shed=0, missed=0)
+    assert cap.troubled([0.0], [100.0], shed=1, missed=0)
+    assert cap.troubled([0.0], [100.0], shed=0, missed=1)
+
+
+def test_the_depth_cap_limits_the_choice_to_the_fastest_masks() -> None:
+    ordered = fastest_first(list(reversed(FRONT)), LATENCY)
+    assert [m for m, _ in ordered] == ["TTTT", "TTFF", "TFFF", "FFFF"]
+    assert choose([100.0], ordered[:2], LATENCY).mask == "TTFF"
+    assert choose([100.0], ordered[:1], LATENCY).mask == "TTTT"
 
 
 def test_a_fixed_mask_is_a_one_mask_front_with_the_same_shedding() -> None:
