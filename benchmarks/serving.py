@@ -1,16 +1,18 @@
 """Serving under load: the adaptive deadline policy against fixed masks, with Ray Serve on local Ray.
 
-Repeat with:  .venv/bin/python benchmarks/serving.py --checkpoint runs/bench/resnet50-64 --data data/digits-hard
+Repeat with:  .venv/bin/python benchmarks/serving.py --checkpoint runs/bench/resnet50-32 --data data/digits
 
 Open-loop traffic (arrival times fixed in advance) from an asynchronous HTTP client on 127.0.0.1, with the
-validation images and their labels. First the capacity of fixed FF..F and of fixed TT..T (the highest rate at
-which 99 % meet the deadline, by bisection); then, per policy (fixed FF..F, fixed TT..T, the best fixed middle
-mask of the front, the adaptive deadline policy), steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of
-FF..F and a bursty trace (phases alternating between 0.5 x and 2.5 x that capacity). Each policy is a server of
-its own, one after the other, on the same machine. Figures per run: deadline attainment (answered within the
-deadline / sent), effective accuracy (answered correctly within the deadline / sent), p50/p99 latency, goodput
-and the mix of masks. Writes serving.json, serving.md and serving.png to --out and logs them as an MLflow run
-linked to the registered model version it served (the checkpoint is registered first unless --model-uri says).
+validation images and their labels. One local Ray Serve holds one application per policy (fixed FF..F, fixed
+TT..T, the best fixed middle mask of the front, the adaptive deadline policy), each under its own route. First the
+capacity of fixed FF..F and of fixed TT..T (the highest rate at which 99 % meet the deadline, by bisection); then,
+in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F and a bursty
+trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy replaying the same arrivals in
+turns. Figures per run: deadline attainment (answered within the deadline / sent), effective accuracy (answered
+correctly within the deadline / sent), p50/p99 latency, goodput and the mix of masks, as medians over the repeats
+with their range, and the paired difference of the adaptive policy against the best fixed one. Writes
+serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the registered model
+version it served (the checkpoint is registered first unless --model-uri says).
 """
 
 from __future__ import annotations
@@ -18,12 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,37 +59,89 @@ def validation_images(data: str, limit: int) -> tuple[list[bytes], list[int]]:
     return bodies[:limit], labels[:limit]
 
 
-class Served:
-    """One ``python -m cluster.serving`` server (what ``make serve`` runs), started and stopped by its PID."""
+class Host:
+    """Local Ray with Ray Serve on 127.0.0.1, holding one application per policy, each under its own route, so that
+    the policies are measured in turns on one machine instead of one after another."""
 
-    def __init__(self, name: str, model_uri: str, tracking_uri: str, flags: list[str]) -> None:
-        self.state = Path(tempfile.mkdtemp(prefix=f"adn-serving-{name.replace(' ', '-')}-"))  # PID and log
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "cluster.serving", "--state-dir", str(self.state), "start", "--port", str(port),
-               "--", "--model-uri", model_uri, "--tracking-uri", tracking_uri, *flags]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"the {name} server did not start (log: {self.state / 'serving.log'}): "
-                               f"{done.stderr.strip()[-2000:]}")
-        self.info = requests.get(f"{self.url}/v1/model", timeout=30).json()
+    def __init__(self, model_uri: str, tracking_uri: str) -> None:
+        import ray
+        from ray import serve
 
-    def stop(self) -> None:
-        subprocess.run([sys.executable, "-m", "cluster.serving", "--state-dir", str(self.state), "stop"], cwd=ROOT,
-                       capture_output=True, timeout=180, check=True)
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        # Logical CPUs: one per replica, though only the replica under load computes at a time.
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, num_cpus=16)
+        self.port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
 
-    def replay(self, arrivals: list[float], bodies: list[bytes], labels: list[int], slo_ms: float,
-               ) -> list[loadgen.Answer]:
-        return loadgen.replay(f"{self.url}/v1/classify", arrivals, bodies, labels, slo_ms, timeout_s=30)
+    def add(self, name: str, **settings: Any) -> str:
+        """Start the application ``name`` with these ``ServeSettings``; return its URL once it answers."""
+        from serving.app import deployment
+        from serving.settings import ServeSettings
+
+        return self.run(name, deployment(ServeSettings(model_uri=self.model_uri, tracking_uri=self.tracking_uri,
+                                                       **settings)))
+
+    def run(self, name: str, app: Any) -> str:
+        from ray import serve
+
+        route = "/" + name.replace(" ", "-").lower()
+        serve.run(app, name=name, route_prefix=route)
+        return f"http://127.0.0.1:{self.port}{route}"
+
+    def info(self, url: str) -> dict[str, Any]:
+        return requests.get(f"{url}/v1/model", timeout=30).json()
+
+    def remove(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
 
 
-def capacity(server: Served, bodies: list[bytes], labels: list[int], slo_ms: float, seconds: float,
-             start_rate: float, steps: int) -> float:
+def echo() -> Any:
+    """A Ray Serve application of the same shape as the ADN's (FastAPI ingress, a POST that reads its body and
+    answers JSON) that does nothing else: what Ray Serve's own path costs on this machine."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="echo")
+    @serve.ingress(api)
+    class Echo:
+        @api.post("/v1/classify")
+        async def classify(self, request: Request) -> dict[str, Any]:
+            await request.body()
+            return {"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}
+
+    return Echo.bind()
+
+
+def shuffled(images: tuple[list[bytes], list[int]], seed: int) -> tuple[list[bytes], list[int]]:
+    """The images in a random order (the client cycles through them), so that a short run does not always send
+    the first few; every policy of a repeat gets the same order."""
+    order = np.random.default_rng(seed).permutation(len(images[0]))
+    return [images[0][i] for i in order], [images[1][i] for i in order]
+
+
+def replay(url: str, arrivals: list[float], images: tuple[list[bytes], list[int]], slo_ms: float,
+           ) -> list[loadgen.Answer]:
+    return loadgen.replay(f"{url}/v1/classify", arrivals, *images, slo_ms, timeout_s=30)
+
+
+def capacity(url: str, images: tuple[list[bytes], list[int]], slo_ms: float, seconds: float, start_rate: float,
+             steps: int) -> float:
     """The highest Poisson rate at which 99 % of requests meet the deadline: double until it fails, then bisect."""
     rng = np.random.default_rng(0)
 
     def meets(rate: float) -> bool:
-        answers = server.replay(loadgen.poisson(rate, seconds, rng), bodies, labels, slo_ms)
+        answers = replay(url, loadgen.poisson(rate, seconds, rng), images, slo_ms)
         return loadgen.summarize(answers)["attainment"] >= 0.99
 
     lo, hi = 0.0, start_rate
@@ -146,28 +197,73 @@ def register(checkpoint: str, tracking_uri: str) -> str:
     return f"models:/{name}/{version}"
 
 
+def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeats of one run: medians, and the range of attainment and effective accuracy (the noise)."""
+    out: dict[str, Any] = {"repeats": len(summaries), "sent": sum(x["sent"] for x in summaries)}
+    for key in ("attainment", "effective_accuracy", "p50_ms", "p99_ms", "throughput", "mean_batch"):
+        out[key] = statistics.median(x[key] for x in summaries)
+    for key in ("attainment", "effective_accuracy"):
+        out[f"{key}_range"] = [min(x[key] for x in summaries), max(x[key] for x in summaries)]
+    answered: dict[str, float] = {}
+    for x in summaries:
+        for mask, share in x["masks"].items():
+            answered[mask] = answered.get(mask, 0.0) + share * x["answered"]
+    total = sum(answered.values()) or 1.0
+    out["masks"] = {m: n / total for m, n in sorted(answered.items())}
+    return out
+
+
+def paired(results: dict[str, Any], run: str, key: str) -> dict[str, float]:
+    """Adaptive minus the best fixed policy (by median) on the same arrivals, per repeat: median, min and max."""
+    fixed = [p for p in results["policies"] if p != "adaptive"]
+    best = max(fixed, key=lambda p: results["policies"][p]["median"][run][key])
+    diffs = [a[key] - b[key] for a, b in zip(results["policies"]["adaptive"]["runs"][run],
+                                             results["policies"][best]["runs"][run], strict=True)]
+    return {"against": best, "median": statistics.median(diffs), "min": min(diffs), "max": max(diffs)}
+
+
+def runs_of(results: dict[str, Any]) -> list[str]:
+    return [*(f"{x:g}x" for x in LOADS), "bursty"]
+
+
 def table(results: dict[str, Any]) -> str:
     policies = list(results["policies"])
     cap = results["capacity"]
+    reps = results["repeats"]
     lines = [f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
-             f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x)",
-             "", "| load | " + " | ".join(f"{p} attain / eff. acc / p99 ms" for p in policies) + " |",
-             "|---|" + "---|" * len(policies)]
-    for run in [*(f"{x:g}x" for x in LOADS), "bursty"]:
-        cells = []
-        for p in policies:
-            s = results["policies"][p]["runs"][run]
-            cells.append(f"{100 * s['attainment']:.1f} % / {100 * s['effective_accuracy']:.1f} % / {s['p99_ms']:.0f}")
+             f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x). Loads are multiples of FF..F's.",
+             f"Each cell: median over {reps} repeats [lowest, highest]; every policy replays the same arrivals in a "
+             "repeat, the policies in turns.", ""]
+    for key, title in (("attainment", "Deadline attainment (%)"), ("effective_accuracy", "Effective accuracy (%)")):
+        lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
+                  "|---|" + "---|" * (len(policies) + 1)]
+        for run in runs_of(results):
+            cells = []
+            for p in policies:
+                m = results["policies"][p]["median"][run]
+                lo, hi = m[f"{key}_range"]
+                cells.append(f"{100 * m[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            d = paired(results, run, key)
+            cells.append(f"{100 * d['median']:+.1f} [{100 * d['min']:+.1f}, {100 * d['max']:+.1f}] vs {d['against']}")
+            lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["p50 / p99 latency (ms, medians):", "", "| load | " + " | ".join(policies) + " |",
+              "|---|" + "---|" * len(policies)]
+    for run in runs_of(results):
+        cells = [f"{results['policies'][p]['median'][run]['p50_ms']:.0f} / "
+                 f"{results['policies'][p]['median'][run]['p99_ms']:.0f}" for p in policies]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    lines += ["", "Masks run on the bursty trace (share of answered requests):", ""]
-    for p in policies:
-        mix = results["policies"][p]["runs"]["bursty"]["masks"]
-        lines.append(f"- {p}: " + ", ".join(f"{m} {100 * v:.0f} %" for m, v in mix.items()))
+    lines += ["", "Masks the adaptive policy ran (share of answered requests):", ""]
+    for run in runs_of(results):
+        mix = results["policies"]["adaptive"]["median"][run]["masks"]
+        lines.append(f"- {run}: " + ", ".join(f"{m} {100 * v:.0f} %" for m, v in mix.items()))
     o = results["overhead"]
     lines += ["", f"Server cost at 0.1 x capacity (fixed FF..F, medians over {o['requests']} requests): "
               f"{o['total_ms']:.2f} ms over the model's {o['service_ms']:.2f} ms: from the client's send to the "
               f"batch's start {o['queue_ms']:.2f} ms (HTTP to the proxy, Ray Serve to the replica, decode, batch "
-              f"formation, policy), the answer's way back {o['hops_ms']:.2f} ms."]
+              f"formation, policy), the answer's way back {o['hops_ms']:.2f} ms. The same arrivals to an application "
+              f"that only reads the body and answers (Ray Serve's own path): {o['engine_ms']:.2f} ms; so this "
+              f"application adds {o['total_ms'] - o['engine_ms']:.2f} ms to Ray Serve's."]
     return "\n".join(lines) + "\n"
 
 
@@ -178,10 +274,13 @@ def figure(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    xs = list(LOADS)
     for p, r in results["policies"].items():
-        xs = list(LOADS)
-        axes[0].plot(xs, [100 * r["runs"][f"{x:g}x"]["attainment"] for x in xs], marker="o", label=p)
-        axes[1].plot(xs, [100 * r["runs"][f"{x:g}x"]["effective_accuracy"] for x in xs], marker="o", label=p)
+        for ax, key in zip(axes[:2], ("attainment", "effective_accuracy"), strict=True):
+            med = [100 * r["median"][f"{x:g}x"][key] for x in xs]
+            lo = [m - 100 * r["median"][f"{x:g}x"][f"{key}_range"][0] for m, x in zip(med, xs, strict=True)]
+            hi = [100 * r["median"][f"{x:g}x"][f"{key}_range"][1] - m for m, x in zip(med, xs, strict=True)]
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=p)
     for ax, name in zip(axes[:2], ("deadline attainment (%)", "effective accuracy (%)"), strict=True):
         ax.set_xlabel("load (x capacity of FF..F)")
         ax.set_ylabel(name)
@@ -197,8 +296,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
     twin.plot(t, [b["attainment"] for b in bins], color="tab:green", label="adaptive: attainment")
     twin.set_ylim(0, 1.05)
     twin.legend(fontsize=8, loc="lower right")
-    axes[2].set_title("bursty trace, adaptive policy")
-    fig.suptitle(f"{results['model']} on this CPU, deadline {results['slo_ms']:g} ms, open-loop traffic")
+    axes[2].set_title("bursty trace (first repeat), adaptive policy")
+    fig.suptitle(f"{results['model']} on this CPU, deadline {results['slo_ms']:g} ms, open-loop traffic "
+                 f"(medians of {results['repeats']} repeats, bars: range)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -215,33 +315,16 @@ def log_run(results: dict[str, Any], out: Path, tracking_uri: str, model_uri: st
                             tags={"adn.registered_model": name, "adn.registered_version": version,
                                   "adn.model_uri": model_uri})
     for p, r in results["policies"].items():
-        for run_name, s in r["runs"].items():
-            key = run_name.replace(".", "_")
-            client.log_metric(run.info.run_id, f"{p}.{key}.attainment", s["attainment"])
-            client.log_metric(run.info.run_id, f"{p}.{key}.effective_accuracy", s["effective_accuracy"])
+        for run_name, s in r["median"].items():
+            key = f"{p.replace(' ', '_')}.{run_name.replace('.', '_')}"
+            client.log_metric(run.info.run_id, f"{key}.attainment", s["attainment"])
+            client.log_metric(run.info.run_id, f"{key}.effective_accuracy", s["effective_accuracy"])
     client.log_param(run.info.run_id, "slo_ms", results["slo_ms"])
+    client.log_param(run.info.run_id, "repeats", results["repeats"])
     for f in ("serving.json", "serving.md", "serving.png"):
         client.log_artifact(run.info.run_id, str(out / f))
     client.set_terminated(run.info.run_id)
     return run.info.run_id
-
-
-def run_policy(name: str, flags: list[str], ctx: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
-    server = Served(name, ctx["model_uri"], ctx["tracking_uri"], flags)
-    try:
-        rng = np.random.default_rng(1)
-        runs = {}
-        for x in LOADS:
-            progress(f"{name} at {x:g} x")
-            answers = server.replay(loadgen.poisson(x * ctx["cap"], ctx["seconds"], rng), *ctx["images"], ctx["slo"])
-            runs[f"{x:g}x"] = loadgen.summarize(answers, ctx["seconds"])
-        progress(f"{name}, bursty trace")
-        arrivals = loadgen.phases(bursty(ctx["cap"], ctx["burst_seconds"], ctx["period"]), np.random.default_rng(2))
-        answers = server.replay(arrivals, *ctx["images"], ctx["slo"])
-        runs["bursty"] = loadgen.summarize(answers, ctx["burst_seconds"])
-        return {"flags": flags, "runs": runs, "trace": trace_bins(answers, 1.0)}
-    finally:
-        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,74 +335,100 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="local shards whose val split gives the images and labels")
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     p.add_argument("--slo-ms", type=float, help="deadline (default: 5 x the super-net's time for one image)")
-    p.add_argument("--seconds", type=float, default=15.0, help="length of each steady run")
-    p.add_argument("--burst-seconds", type=float, default=120.0, help="length of the bursty trace")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each steady run")
+    p.add_argument("--burst-seconds", type=float, default=60.0, help="length of the bursty trace")
     p.add_argument("--period-s", type=float, default=10.0, help="length of each phase of the bursty trace")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of every run (medians and ranges are reported)")
     p.add_argument("--images", type=int, default=360, help="validation images to cycle through")
     p.add_argument("--out", default="docs/serving", help="where serving.json, .md and .png go")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
+        p.error("--repeats, --seconds and --burst-seconds must be positive.")
     from pipeline.tracking import resolve_tracking_uri
+    from serving.model import locate
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     model_uri = args.model_uri or register(args.checkpoint, tracking_uri)
     images = validation_images(args.data, args.images)
+    masks = [m["mask"] for m in json.loads(locate(None, None, model_uri, "cpu", tracking_uri)[1].read_text())["front"]]
+    n = len(masks[0])
+    super_mask, base_mask = "F" * n, "T" * n
     started = time.time()
-    bar = tqdm(total=4 * (len(LOADS) + 1) + 2, desc="serving bench", unit="run")
+    steps = 2 + 1 + args.repeats * (len(LOADS) + 1)
+    bar = tqdm(total=steps, desc="serving bench", unit="step")
 
     def progress(what: str) -> None:
         bar.set_postfix_str(what)
         bar.update(1)
 
-    # Capacities first, on fixed servers of the two ends of the front.
-    from serving.model import locate
-
-    masks = [m["mask"] for m in json.loads(locate(None, None, model_uri, "cpu", tracking_uri)[1].read_text())["front"]]
-    n = len(masks[0])
-    super_mask, base_mask = "F" * n, "T" * n
-    caps, slo, info, cost = {}, args.slo_ms, {}, {}
-    for key, mask in (("super", super_mask), ("base", base_mask)):
-        server = Served(f"capacity-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
-        try:
-            if key == "super":
-                info = server.info
-                slo = slo or round(5 * info["latency_model"]["ms_per_batch"][super_mask]["1"])
-            caps[key] = capacity(server, *images, slo, seconds=8.0, start_rate=8.0, steps=4)
+    host = Host(model_uri, tracking_uri)
+    try:
+        urls = {f"fixed {m}": host.add(f"fixed {m}", policy="fixed", mask=m) for m in (super_mask, base_mask)}
+        info = host.info(urls[f"fixed {super_mask}"])
+        slo = args.slo_ms or round(5 * info["latency_model"]["ms_per_batch"][super_mask]["1"])
+        caps = {}
+        for key, mask in (("super", super_mask), ("base", base_mask)):
+            caps[key] = capacity(urls[f"fixed {mask}"], images, slo, seconds=8.0, start_rate=8.0, steps=4)
             progress(f"capacity of {mask}: {caps[key]:.1f}/s")
-            if key == "super":  # the server's own cost at 0.1 x capacity, on the same server
-                answers = server.replay(loadgen.poisson(0.1 * caps[key], 20.0, np.random.default_rng(3)), *images,
-                                        slo)
-                cost = {**overhead(answers), "requests": len(answers)}
-        finally:
-            server.stop()
-    ctx = {"model_uri": model_uri, "tracking_uri": tracking_uri, "cap": caps["super"], "slo": slo,
-           "images": images, "seconds": args.seconds, "burst_seconds": args.burst_seconds, "period": args.period_s}
-    # The best fixed middle mask: of up to three middle masks of the front, the best effective accuracy on a
-    # short bursty trace.
-    middle = [m for m in masks if m not in (super_mask, base_mask)]
-    middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
-    best_middle, best_score = None, -1.0
-    for mask in dict.fromkeys(middle):
-        server = Served(f"pick-{mask}", model_uri, tracking_uri, ["--policy", "fixed", "--mask", mask])
-        try:
+        answers = replay(urls[f"fixed {super_mask}"], loadgen.poisson(0.1 * caps["super"], 20.0,
+                                                                      np.random.default_rng(3)), images, slo)
+        cost = {**overhead(answers), "requests": len(answers)}
+        # The same arrivals to an application that only reads the body and answers: Ray Serve's own cost.
+        url = host.run("echo", echo())
+        answers = replay(url, loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images, slo)
+        cost["engine_ms"] = statistics.median(a.latency_ms for a in answers if a.status == 200)
+        host.remove("echo")
+        # The best fixed middle mask: of up to three middle masks of the front, the best effective accuracy on a
+        # short bursty trace.
+        middle = [m for m in masks if m not in (super_mask, base_mask)]
+        middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
+        scores = {}
+        for mask in dict.fromkeys(middle):
+            url = host.add(f"fixed {mask}", policy="fixed", mask=mask)
             arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
-            score = loadgen.summarize(server.replay(arrivals, *images, slo))["effective_accuracy"]
-        finally:
-            server.stop()
-        if score > best_score:
-            best_middle, best_score = mask, score
-    policies = {f"fixed {super_mask}": ["--policy", "fixed", "--mask", super_mask],
-                f"fixed {base_mask}": ["--policy", "fixed", "--mask", base_mask]}
-    if best_middle:
-        policies[f"fixed {best_middle}"] = ["--policy", "fixed", "--mask", best_middle]
-    policies["adaptive"] = ["--policy", "deadline"]
-    results: dict[str, Any] = {"model": info["model"], "model_uri": model_uri, "slo_ms": slo,
-                               "front": info["front"], "capacity": caps, "overhead": cost,
-                               "latency_model": info["latency_model"], "policies": {}}
-    for name, flags in policies.items():
-        results["policies"][name] = run_policy(name, flags, ctx, progress)
+            scores[mask] = (loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo))["effective_accuracy"],
+                            url)
+        if scores:
+            best = max(scores, key=lambda m: scores[m][0])
+            urls[f"fixed {best}"] = scores[best][1]
+            for mask in scores:
+                if mask != best:
+                    host.remove(f"fixed {mask}")
+        urls["adaptive"] = host.add("adaptive", policy="deadline")
+        progress("applications up")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in urls}
+        traces: dict[str, list[dict[str, float]]] = {}
+        names = list(urls)
+        for r in range(args.repeats):
+            for k, x in enumerate(LOADS):
+                arrivals = loadgen.poisson(x * caps["super"], args.seconds, np.random.default_rng(100 * r + k))
+                order = shuffled(images, 100 * r + k)
+                for name in names[r % len(names):] + names[:r % len(names)]:  # a different policy first each repeat
+                    summary = loadgen.summarize(replay(urls[name], arrivals, order, slo), args.seconds)
+                    runs[name].setdefault(f"{x:g}x", []).append(summary)
+                progress(f"repeat {r + 1}, {x:g} x")
+            arrivals = loadgen.phases(bursty(caps["super"], args.burst_seconds, args.period_s),
+                                      np.random.default_rng(1000 + r))
+            order = shuffled(images, 1000 + r)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                answers = replay(urls[name], arrivals, order, slo)
+                runs[name].setdefault("bursty", []).append(loadgen.summarize(answers, args.burst_seconds))
+                if r == 0:
+                    traces[name] = trace_bins(answers, 1.0)
+            progress(f"repeat {r + 1}, bursty")
+        settings = {name: host.info(url)["policy"] for name, url in urls.items()}
+    finally:
+        host.close()
     bar.close()
+    results: dict[str, Any] = {
+        "model": info["model"], "model_uri": model_uri, "slo_ms": slo, "front": info["front"], "capacity": caps,
+        "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
+        "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
+                            "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}
+    results["paired"] = {run: {key: paired(results, run, key) for key in ("attainment", "effective_accuracy")}
+                         for run in runs_of(results)}
     results["wall_s"] = round(time.time() - started, 1)
     (out / "serving.json").write_text(json.dumps(results, indent=1))
     (out / "serving.md").write_text(table(results))
