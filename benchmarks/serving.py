@@ -1,6 +1,7 @@
 """Serving under load: the adaptive deadline policy against fixed masks, with Ray Serve on local Ray.
 
-Repeat with:  .venv/bin/python benchmarks/serving.py --checkpoint runs/bench/resnet50-32 --data data/digits
+Repeat with:  .venv/bin/python benchmarks/serving.py --checkpoint runs/bench/resnet50-hard-ft --data data/digits-hard
+(the checkpoint and its front: docs/serving/README.md)
 
 Open-loop traffic (arrival times fixed in advance) from an asynchronous HTTP client on 127.0.0.1, with the
 validation images and their labels. One local Ray Serve holds one application per policy (fixed FF..F, fixed
@@ -105,18 +106,13 @@ class Host:
 
 
 def echo() -> Any:
-    """A Ray Serve application of the same shape as the ADN's (FastAPI ingress, a POST that reads its body and
-    answers JSON) that does nothing else: what Ray Serve's own path costs on this machine."""
-    from fastapi import FastAPI, Request
+    """A Ray Serve application that reads the body and answers a JSON of the ADN's shape, and does nothing else:
+    what Ray Serve's own path (HTTP proxy, the hop to a replica and back) costs on this machine."""
     from ray import serve
 
-    api = FastAPI()
-
     @serve.deployment(name="echo")
-    @serve.ingress(api)
     class Echo:
-        @api.post("/v1/classify")
-        async def classify(self, request: Request) -> dict[str, Any]:
+        async def __call__(self, request: Any) -> dict[str, Any]:
             await request.body()
             return {"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}
 

@@ -42,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
                      help="a request no mask can answer in time: shed (HTTP 503) or serve it late")
     pol.add_argument("--margin-ms", type=float, default=3.0,
                      help="slack kept for the way back to the client (default 3 ms)")
-    pol.add_argument("--calm-s", type=float, default=2.0,
+    pol.add_argument("--calm-s", type=float, default=0.5,
                      help="after a shed, a miss or a long queue only the faster half of the masks stays allowed; "
-                          "one slower mask comes back per calm period of this many seconds (default 2)")
+                          "one slower mask comes back per calm period of this many seconds (default 0.5)")
     pol.add_argument("--pressure", type=float, default=0.5,
                      help="a request that waited more than this share of its deadline counts as trouble "
                           "(default 0.5)")

@@ -75,7 +75,7 @@ class DepthCap:
     half of the allowed masks stays allowed; after ``calm_s`` seconds without trouble one slower mask comes back.
     """
 
-    def __init__(self, masks: int, calm_s: float = 2.0, pressure: float = 0.5) -> None:
+    def __init__(self, masks: int, calm_s: float = 0.5, pressure: float = 0.5) -> None:
         if masks < 1:
             raise ValueError("the depth cap needs at least one mask.")
         self.masks, self.calm_s, self.pressure = masks, calm_s, pressure

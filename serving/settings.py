@@ -27,7 +27,7 @@ class ServeSettings:
     max_batch: int = 16
     batch_wait_ms: float = 0.0
     margin_ms: float = 3.0
-    calm_s: float = 2.0
+    calm_s: float = 0.5
     pressure: float = 0.5
     max_body_bytes: int = 8 * 1024 * 1024
     max_ongoing: int = 512
