@@ -16,6 +16,7 @@ and resumes an unfinished one from its checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -34,10 +35,17 @@ from pipeline.recipes import list_recipes
 from search.accuracy import evaluate_split  # shares the stage prefixes of masks: the search's evaluator
 
 from .driver import KEEP, Study, check_common, conduct, spread
+from .stats import paired, verdict
 
 MODES = ("vanilla", "base", "adn")
 ROW_NAMES = {"adn_super": "ADN super-net", "adn_base": "ADN base-net", "vanilla": "vanilla (super-net alone)",
              "base_alone": "base-net alone"}
+#: Which training and which of its masks each row's learning curve follows (False: the super-net's mask).
+CURVES = {"adn_super": ("adn", False), "adn_base": ("adn", True), "vanilla": ("vanilla", False),
+          "base_alone": ("base", True)}
+#: Claim 1 is "at least as good": it holds when the interval of ADN minus vanilla lies above -NON_INFERIORITY
+#: points, and does not when it lies below.
+NON_INFERIORITY = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +79,7 @@ class PaperStudy(Study):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         self.costs: dict[str, dict[str, float]] = {}  # GFLOPs and params of each mask, from the first ADN evaluated
+        self.curves: dict[int, dict[str, dict[int, float]]] = {}  # seed -> row -> epoch -> top-1 on val
 
     def train_all(self, jobs: list[tuple[int, str]]) -> None:
         """Run the trainings ``--jobs`` at a time, longest first; the first failure stops the others."""
@@ -82,6 +91,7 @@ class PaperStudy(Study):
     def evaluate_seed(self, seed: int, device: torch.device) -> dict[str, dict[str, float]]:
         """Top-1 of every mask: ADN, ADN calibrated, vanilla naively skipped, base alone (fractions)."""
         found: dict[str, dict[str, float]] = {}
+        self.curves[seed] = self.curves_of(seed)
         for mode in MODES:
             model, meta = load_trained(self.run_dir(seed, mode), map_location=device)
             recipe = meta["recipe"]
@@ -100,6 +110,17 @@ class PaperStudy(Study):
                               for c in mask_costs(model, resolution)}
                 self.super_mask, self.base_mask = str(masks[0]), str(masks[-1])
         return found
+
+    def curves_of(self, seed: int) -> dict[str, dict[int, float]]:
+        """Top-1 on val after every epoch of each row's training (the trainings evaluate at each epoch's end)."""
+        out: dict[str, dict[int, float]] = {}
+        for row, (mode, base) in CURVES.items():
+            log = json.loads((self.run_dir(seed, mode) / "summary.json").read_text())["evaluations"]
+            for entry in log:
+                masks = list(entry["acc1"])
+                mask = min(masks, key=lambda m: m.count("F")) if base else max(masks, key=lambda m: m.count("F"))
+                out.setdefault(row, {})[int(entry["epoch"])] = float(entry["acc1"][mask])
+        return out
 
     # -- report ---------------------------------------------------------------------------------
     def report(self, per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
@@ -125,27 +146,58 @@ class PaperStudy(Study):
         return {"model": self.args.model, "recipe": str(self.recipe_name), "data": self.data, "epochs": self.epochs,
                 "max_steps": self.args.max_steps, "seeds": seeds, "calibrate_norms": self.args.calibrate_norms,
                 "super_mask": sup, "base_mask": base, "rows": rows, "masks": masks,
-                "claims": claims(rows, masks, sup, base, 100 / classes),
+                "claims": claims(per_seed, seeds, sup, base, 100 / classes),
+                "curves": curves(self.curves, seeds),
                 "calibration": calibration_effect(masks, sup, base) if self.args.calibrate_norms else None,
                 "per_seed": {str(s): per_seed[s] for s in seeds}}
 
 
-def claims(rows: dict[str, Any], masks: dict[str, Any], sup: str, base: str, chance: float) -> list[dict[str, Any]]:
-    """The paper's three claims, each with the numbers that decide it (means over seeds, in percent)."""
-    adn_sup, adn_base = rows["adn_super"]["top1"]["mean"], rows["adn_base"]["top1"]["mean"]
-    vanilla, alone = rows["vanilla"]["top1"]["mean"], rows["base_alone"]["top1"]["mean"]
-    naive = masks[base]["naive"]["mean"]
+def curves(per_seed: dict[int, dict[str, dict[int, float]]], seeds: list[int]) -> dict[str, Any]:
+    """Per row: the epochs every seed evaluated, each seed's top-1 there and their mean and spread (percent)."""
+    out = {}
+    for row in CURVES:
+        epochs = sorted(set.intersection(*(set(per_seed[s][row]) for s in seeds)))
+        cells = [spread([per_seed[s][row][e] for s in seeds]) for e in epochs]
+        out[row] = {"epochs": epochs, "mean": [c["mean"] for c in cells], "std": [c["std"] for c in cells],
+                    "per_seed": {str(s): [100 * per_seed[s][row][e] for e in epochs] for s in seeds}}
+    return out
+
+
+def claims(per_seed: dict[int, dict[str, dict[str, float]]], seeds: list[int], sup: str, base: str,
+           chance: float) -> list[dict[str, Any]]:
+    """The paper's three claims. The first two compare trainings that share a seed (the same data order and
+    initialisation): the mean paired difference in points with its 95 % t-interval over seeds, and a verdict
+    (holds, does not hold, undecided at this number of seeds). The third is decided by its thresholds on means."""
+    def top1(kind: str, mask: str) -> list[float]:
+        return [100 * per_seed[s][kind][mask] for s in seeds]
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    adn_sup, adn_base, vanilla, alone = top1("adn", sup), top1("adn", base), top1("vanilla", sup), top1("base", base)
+    one = paired(adn_sup, vanilla)
+    two = paired(adn_base, alone)
+    first, second = verdict(one, "non-inferior", NON_INFERIORITY), verdict(two, "superior")
+    naive = mean(top1("vanilla", base))
     # "collapses": the naively skipped base-net loses at least half of the vanilla network's accuracy above chance;
     # "does not": ADN's base-net keeps at least KEEP of its super-net's accuracy above chance.
-    naive_kept = (naive - chance) / max(vanilla - chance, 1e-9)
-    adn_kept = (adn_base - chance) / max(adn_sup - chance, 1e-9)
+    naive_kept = (naive - chance) / max(mean(vanilla) - chance, 1e-9)
+    adn_kept = (mean(adn_base) - chance) / max(mean(adn_sup) - chance, 1e-9)
+    third = "holds" if naive_kept <= 0.5 and adn_kept >= KEEP else "does not hold"
+
+    def interval(p: Any) -> str:
+        return (f"paired difference {p.mean:+.2f} points, 95 % interval [{p.low:+.2f}, {p.high:+.2f}] over "
+                f"{len(p.differences)} seed(s)")
+
     return [
-        {"claim": "ADN super-net >= vanilla", "holds": adn_sup >= vanilla,
-         "evidence": f"ADN {sup} {adn_sup:.2f} vs vanilla {vanilla:.2f} ({adn_sup - vanilla:+.2f})"},
-        {"claim": "ADN base-net > base-net alone", "holds": adn_base > alone,
-         "evidence": f"ADN {base} {adn_base:.2f} vs base alone {alone:.2f} ({adn_base - alone:+.2f})"},
-        {"claim": "naive skipping of the vanilla network collapses, ADN's base-net does not",
-         "holds": naive_kept <= 0.5 and adn_kept >= KEEP,
+        {"claim": "ADN super-net >= vanilla", "verdict": first, "holds": first == "holds", "paired": one.as_json(),
+         "rule": f"holds when the interval lies above -{NON_INFERIORITY:g} point, does not when below",
+         "evidence": f"ADN {sup} {mean(adn_sup):.2f} vs vanilla {mean(vanilla):.2f}; {interval(one)}"},
+        {"claim": "ADN base-net > base-net alone", "verdict": second, "holds": second == "holds",
+         "paired": two.as_json(), "rule": "holds when the interval lies above 0, does not when below",
+         "evidence": f"ADN {base} {mean(adn_base):.2f} vs base alone {mean(alone):.2f}; {interval(two)}"},
+        {"claim": "naive skipping of the vanilla network collapses, ADN's base-net does not", "verdict": third,
+         "holds": third == "holds", "rule": f"collapse: <= 50 % kept; ADN keeps: >= {KEEP:.0%}",
          "evidence": f"vanilla skipped to {base}: {naive:.2f} (keeps {naive_kept:.0%} of its accuracy above chance "
                      f"{chance:.0f}; collapse: <= 50 %); ADN {base} keeps {adn_kept:.0%} of the super-net's "
                      f"(holds: >= {KEEP:.0%})"},
@@ -191,9 +243,10 @@ def markdown(result: dict[str, Any]) -> str:
         if calibrated:
             line += f" {_pm(m['adn_calibrated'])} |"
         lines.append(line)
+    lines += curve_table(result)
     lines += ["", "## The paper's claims", ""]
     for c in result["claims"]:
-        lines.append(f"- **{'holds' if c['holds'] else 'does not hold'}**: {c['claim']}. {c['evidence']}.")
+        lines.append(f"- **{c['verdict']}**: {c['claim']}. {c['evidence']} ({c['rule']}).")
     if result.get("calibration"):
         cal = result["calibration"]
         lines += ["", "## Norm calibration", "",
@@ -209,8 +262,30 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_table(result: dict[str, Any], rows: int = 12) -> list[str]:
+    """Top-1 on val against epochs, mean ± standard deviation over seeds, at up to ``rows`` epochs (the last one
+    always)."""
+    curves = result.get("curves")
+    if not curves:
+        return []
+    epochs = curves["adn_super"]["epochs"]
+    step = max(1, -(-len(epochs) // rows))
+    shown = sorted({*range(len(epochs) - 1, -1, -step)})
+    lines = ["", "## Learning curves (top-1 % on val after each epoch)", "",
+             "| epoch | " + " | ".join(ROW_NAMES[k] for k in CURVES) + " |", "|---:|" + "---:|" * len(CURVES)]
+    for i in shown:
+        cells = []
+        for k in CURVES:
+            c = curves[k]
+            j = c["epochs"].index(epochs[i]) if epochs[i] in c["epochs"] else None
+            cells.append("" if j is None else f"{c['mean'][j]:.2f} ± {c['std'][j]:.2f}")
+        lines.append(f"| {epochs[i]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Figure (b): top-1 against GFLOPs, ADN's masks, the naive-skipping curve and the two baselines."""
+    """Figure (b): top-1 against GFLOPs, ADN's masks, the naive-skipping curve and the two baselines; beside it the
+    learning curves of the four rows (mean over seeds, shaded: ± one standard deviation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +293,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     masks = sorted(result["masks"].items(), key=lambda kv: kv[1]["gflops"])
     gflops = [m["gflops"] for _, m in masks]
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, (ax, cx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = {"adn_super": "C0", "adn_base": "C9", "vanilla": "C3", "base_alone": "C2"}
+    for key, c in result.get("curves", {}).items():
+        lo = [m - s for m, s in zip(c["mean"], c["std"], strict=True)]
+        hi = [m + s for m, s in zip(c["mean"], c["std"], strict=True)]
+        cx.plot(c["epochs"], c["mean"], color=colors[key], label=ROW_NAMES[key])
+        cx.fill_between(c["epochs"], lo, hi, color=colors[key], alpha=0.2)
+    cx.set_xlabel("epoch")
+    cx.set_ylabel("top-1 on val (%)")
+    cx.set_title("learning curves: mean over seeds, shaded ± std", fontsize=10)
+    cx.grid(alpha=0.3)
+    cx.legend(fontsize=8, loc="lower right")
     series = [("naive", "^", "0.5", "vanilla, naive skipping"), ("adn", "o", "C0", "ADN")]
     if "adn_calibrated" in masks[0][1]:
         series.append(("adn_calibrated", "s", "C1", f"ADN, norms calibrated ({result['calibrate_norms']} images)"))
@@ -267,6 +353,8 @@ def metrics_of(result: dict[str, Any]) -> dict[str, float]:
         if "adn_calibrated" in m:
             metrics[f"adn_calibrated_top1_{mask}"] = m["adn_calibrated"]["mean"]
     metrics.update({f"claim{i + 1}_holds": float(c["holds"]) for i, c in enumerate(result["claims"])})
+    for i, c in enumerate(result["claims"][:2]):
+        metrics[f"claim{i + 1}_paired_mean"] = c["paired"]["mean"]
     metrics["wall_s"] = result["timing"]["total_s"]
     return metrics
 

@@ -54,6 +54,17 @@ def test_table_has_the_four_rows_and_every_mask(study: Path) -> None:
     assert [c["claim"] for c in result["claims"]] == [
         "ADN super-net >= vanilla", "ADN base-net > base-net alone",
         "naive skipping of the vanilla network collapses, ADN's base-net does not"]
+    # One seed: the paired comparisons have one difference each and decide nothing.
+    for claim, (kind, row) in zip(result["claims"][:2], (("adn", "vanilla"), ("adn", "base_alone")), strict=True):
+        assert claim["verdict"] == "undecided"
+        mask = rows[row]["mask"]
+        assert claim["paired"]["differences"] == pytest.approx([100 * (seed[kind][mask] - seed[
+            "vanilla" if row == "vanilla" else "base"][mask])])
+    # The learning curves: every training's evaluation after each epoch; the last is the table's row.
+    for key, row in rows.items():
+        curve = result["curves"][key]
+        assert curve["epochs"][-1] == 1 and curve["per_seed"]["7"][-1] == pytest.approx(curve["mean"][-1])
+        assert curve["mean"][-1] == pytest.approx(row["top1"]["mean"], abs=1e-9), key
     assert result["calibration"]["between_masks"] == MASKS - 2
     table = (study / "out" / "study.md").read_text()
     for name in ("ADN super-net", "ADN base-net", "vanilla (super-net alone)", "base-net alone"):
@@ -67,7 +78,7 @@ def test_figure_is_a_png(study: Path) -> None:
     path = study / "out" / "study.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width = matplotlib.image.imread(path).shape[:2]
-    assert (width, height) == (840, 576)  # figsize 7 x 4.8 at 120 dpi
+    assert (width, height) == (1560, 576)  # figsize 13 x 4.8 at 120 dpi: Figure (b) and the learning curves
 
 
 def test_mlflow_parent_run_with_one_child_per_training(study: Path) -> None:
