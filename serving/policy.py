@@ -1,6 +1,7 @@
 """Which skip mask a batch runs, from the slack of its requests and each mask's latency per batch size.
 
-A pure function, so it is tested on its own; the Ray Serve deployment only wires it to requests.
+``choose`` is a pure function and ``DepthCap`` a small state machine over its input (which masks a batch may pick
+from), so both are tested on their own; the Ray Serve deployment only wires them to requests.
 """
 
 from __future__ import annotations
