@@ -42,7 +42,7 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
 	@echo "serve what it trained (Ray Serve, depth picked per batch to meet deadlines): make serve CHECKPOINT=runs/demo PARETO=runs/demo/pareto-cpu"
 
-reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (28 min on 2 cores)
+reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (12 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
 	DS_ACCELERATOR=cpu $(PY) -m studies.paper --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
 		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)
