@@ -34,6 +34,7 @@ from tqdm import tqdm
 # Run as a script, this file's directory is first on sys.path, and this file's name would hide the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from pipeline.data.loader import IMAGE_FIELDS  # noqa: E402
 from pipeline.data.manifest import read_manifest  # noqa: E402
 from pipeline.distributed import free_port  # noqa: E402
 from serving import loadgen  # noqa: E402
@@ -53,7 +54,7 @@ def validation_images(data: str, limit: int) -> tuple[list[bytes], list[int]]:
                 key, _, ext = m.name.partition(".")
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
         for sample in members.values():
-            image = next((sample[e] for e in ("png", "jpg", "jpeg") if e in sample), None)
+            image = next((sample[e] for e in IMAGE_FIELDS if e in sample), None)
             if image is not None and "cls" in sample:
                 bodies.append(image)
                 labels.append(int(sample["cls"]))

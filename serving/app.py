@@ -68,7 +68,6 @@ class ADNServer:
         acc = {p.mask: p.acc1 for p in self.served.front}
         self.choices = fastest_first([(m, acc.get(m, 0.0)) for m in self.served.masks], self.latency)
         self._cap = DepthCap(len(self.choices), self.settings.calm_s, self.settings.pressure)
-        self._fastest_ms = min(self.latency(m, 1) for m in self.served.masks)
         self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adn-forward")
         self._waiting: dict[int, float] = {}  # deadlines of the requests queued for a batch, by id(Pending)
         self._idle: asyncio.Event | None = None  # set while no batch runs (made in the replica's event loop)
@@ -142,7 +141,8 @@ class ADNServer:
                   "service_ms": round(out.service_ms, 3), "deadline_ms": deadline_ms}
         if out.shed:
             return _error(503, "the deadline cannot be met: even the fastest mask would answer too late.",
-                          reason="deadline unreachable", fastest_ms=round(self._fastest_ms, 3), **timing)
+                          reason="deadline unreachable", fastest_ms=round(self.latency(self.choices[0][0], 1), 3),
+                          **timing)
         return JSONResponse({"top5": out.top, "late": out.late, **timing})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)

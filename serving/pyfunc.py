@@ -9,6 +9,7 @@ the top-5 class indices, their names and probabilities.
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class ADNPyfunc(mlflow.pyfunc.PythonModel):
         selector = self.fronts[target]
         if budget > 0:
             return selector.select(budget)
-        return max(selector.front, key=lambda p: p.acc1).mask
+        return selector.select(math.inf)  # the most accurate mask of the front
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         mask = self._mask(params or {})

@@ -171,18 +171,16 @@ def claims(per_seed: dict[int, dict[str, dict[str, float]]], seeds: list[int], s
     def top1(kind: str, mask: str) -> list[float]:
         return [100 * per_seed[s][kind][mask] for s in seeds]
 
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values)
-
     adn_sup, adn_base, vanilla, alone = top1("adn", sup), top1("adn", base), top1("vanilla", sup), top1("base", base)
     one = paired(adn_sup, vanilla)
     two = paired(adn_base, alone)
     first, second = verdict(one, "non-inferior", NON_INFERIORITY), verdict(two, "superior")
-    naive = mean(top1("vanilla", base))
+    m_sup, m_base, m_vanilla, m_alone = (statistics.fmean(v) for v in (adn_sup, adn_base, vanilla, alone))
+    naive = statistics.fmean(top1("vanilla", base))
     # "collapses": the naively skipped base-net loses at least half of the vanilla network's accuracy above chance;
     # "does not": ADN's base-net keeps at least KEEP of its super-net's accuracy above chance.
-    naive_kept = (naive - chance) / max(mean(vanilla) - chance, 1e-9)
-    adn_kept = (mean(adn_base) - chance) / max(mean(adn_sup) - chance, 1e-9)
+    naive_kept = (naive - chance) / max(m_vanilla - chance, 1e-9)
+    adn_kept = (m_base - chance) / max(m_sup - chance, 1e-9)
     third = "holds" if naive_kept <= 0.5 and adn_kept >= KEEP else "does not hold"
 
     def interval(p: Any) -> str:
@@ -192,10 +190,10 @@ def claims(per_seed: dict[int, dict[str, dict[str, float]]], seeds: list[int], s
     return [
         {"claim": "ADN super-net >= vanilla", "verdict": first, "holds": first == "holds", "paired": one.as_json(),
          "rule": f"holds when the interval lies above -{NON_INFERIORITY:g} point, does not when below",
-         "evidence": f"ADN {sup} {mean(adn_sup):.2f} vs vanilla {mean(vanilla):.2f}; {interval(one)}"},
+         "evidence": f"ADN {sup} {m_sup:.2f} vs vanilla {m_vanilla:.2f}; {interval(one)}"},
         {"claim": "ADN base-net > base-net alone", "verdict": second, "holds": second == "holds",
          "paired": two.as_json(), "rule": "holds when the interval lies above 0, does not when below",
-         "evidence": f"ADN {base} {mean(adn_base):.2f} vs base alone {mean(alone):.2f}; {interval(two)}"},
+         "evidence": f"ADN {base} {m_base:.2f} vs base alone {m_alone:.2f}; {interval(two)}"},
         {"claim": "naive skipping of the vanilla network collapses, ADN's base-net does not", "verdict": third,
          "holds": third == "holds", "rule": "decided on the means over seeds",
          "evidence": f"vanilla skipped to {base}: {naive:.2f} (keeps {naive_kept:.0%} of its accuracy above chance "
