@@ -10,8 +10,10 @@ capacity of fixed FF..F and of fixed TT..T (the highest rate at which 99 % meet 
 in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F and a bursty
 trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy replaying the same arrivals in
 turns. Figures per run: deadline attainment (answered within the deadline / sent), effective accuracy (answered
-correctly within the deadline / sent), p50/p99 latency, goodput and the mix of masks, as medians over the repeats
-with their range, and the paired difference of the adaptive policy against the best fixed one. Writes
+correctly within the deadline / sent), its expected value (each answer in time scores its mask's top-1 over the
+image pool: the same choices without the noise of which images a short run sent), p50/p99 latency, goodput and the
+mix of masks, as medians over the repeats with their range, and the paired difference of the adaptive policy
+against the best fixed one. Writes
 serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the registered model
 version it served (the checkpoint is registered first unless --model-uri says).
 """
@@ -41,6 +43,9 @@ from serving import loadgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
+SCORES = {"attainment": "Deadline attainment (%)", "effective_accuracy": "Effective accuracy (%)",
+          "expected_accuracy": "Expected effective accuracy (%, each answer in time scores its mask's top-1 on the "
+                               "pool)"}
 
 
 def validation_images(data: str, limit: int) -> tuple[list[bytes], list[int]]:
@@ -120,6 +125,19 @@ def echo() -> Any:
     return Echo.bind()
 
 
+def pool_accuracy(model_uri: str, tracking_uri: str, images: tuple[list[bytes], list[int]],
+                  masks: list[str]) -> dict[str, float]:
+    """Top-1 of each mask over the image pool, computed in this process as the replicas compute it."""
+    import torch
+
+    from serving.model import ServedModel, locate
+
+    model = ServedModel(*locate(None, None, model_uri, "cpu", tracking_uri), "cpu")
+    batch = torch.stack([model.preprocess(body) for body in images[0]])
+    labels = torch.tensor(images[1])
+    return {m: float((model.probabilities(batch, m).argmax(1) == labels).float().mean()) for m in masks}
+
+
 def shuffled(images: tuple[list[bytes], list[int]], seed: int) -> tuple[list[bytes], list[int]]:
     """The images in a random order (the client cycles through them), so that a short run does not always send
     the first few; every policy of a repeat gets the same order."""
@@ -195,11 +213,12 @@ def register(checkpoint: str, tracking_uri: str) -> str:
 
 
 def combine(summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The repeats of one run: medians, and the range of attainment and effective accuracy (the noise)."""
+    """The repeats of one run: medians, and the range of each score (the noise)."""
     out: dict[str, Any] = {"repeats": len(summaries), "sent": sum(x["sent"] for x in summaries)}
-    for key in ("attainment", "effective_accuracy", "p50_ms", "p99_ms", "throughput", "mean_batch"):
+    for key in ("attainment", "effective_accuracy", "expected_accuracy", "p50_ms", "p99_ms", "throughput",
+                "mean_batch"):
         out[key] = statistics.median(x[key] for x in summaries)
-    for key in ("attainment", "effective_accuracy"):
+    for key in SCORES:
         out[f"{key}_range"] = [min(x[key] for x in summaries), max(x[key] for x in summaries)]
     answered: dict[str, float] = {}
     for x in summaries:
@@ -229,9 +248,11 @@ def table(results: dict[str, Any]) -> str:
     reps = results["repeats"]
     lines = [f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
              f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x). Loads are multiples of FF..F's.",
+             f"Top-1 of each mask over the {results['images']} pool images: "
+             + ", ".join(f"{m} {100 * a:.1f} %" for m, a in results["pool_accuracy"].items()) + ".",
              f"Each cell: median over {reps} repeats [lowest, highest]; every policy replays the same arrivals in a "
              "repeat, the policies in turns.", ""]
-    for key, title in (("attainment", "Deadline attainment (%)"), ("effective_accuracy", "Effective accuracy (%)")):
+    for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
                   "|---|" + "---|" * (len(policies) + 1)]
         for run in runs_of(results):
@@ -270,30 +291,32 @@ def figure(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 9))
+    axes = grid.ravel()
     xs = list(LOADS)
     for p, r in results["policies"].items():
-        for ax, key in zip(axes[:2], ("attainment", "effective_accuracy"), strict=True):
+        for ax, key in zip(axes[:3], SCORES, strict=True):
             med = [100 * r["median"][f"{x:g}x"][key] for x in xs]
             lo = [m - 100 * r["median"][f"{x:g}x"][f"{key}_range"][0] for m, x in zip(med, xs, strict=True)]
             hi = [100 * r["median"][f"{x:g}x"][f"{key}_range"][1] - m for m, x in zip(med, xs, strict=True)]
             ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=p)
-    for ax, name in zip(axes[:2], ("deadline attainment (%)", "effective accuracy (%)"), strict=True):
+    for ax, name in zip(axes[:3], ("deadline attainment (%)", "effective accuracy (%)",
+                                   "expected effective accuracy (%)"), strict=True):
         ax.set_xlabel("load (x capacity of FF..F)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     bins = results["policies"]["adaptive"]["trace"]
     t = [b["t"] for b in bins]
-    axes[2].plot(t, [b["rate"] for b in bins], color="gray", label="arrivals / s")
-    axes[2].set_xlabel("time (s)")
-    axes[2].set_ylabel("arrivals per second")
-    twin = axes[2].twinx()
+    axes[3].plot(t, [b["rate"] for b in bins], color="gray", label="arrivals / s")
+    axes[3].set_xlabel("time (s)")
+    axes[3].set_ylabel("arrivals per second")
+    twin = axes[3].twinx()
     twin.plot(t, [b["depth"] for b in bins], color="tab:red", label="adaptive: share of stages run")
     twin.plot(t, [b["attainment"] for b in bins], color="tab:green", label="adaptive: attainment")
     twin.set_ylim(0, 1.05)
     twin.legend(fontsize=8, loc="lower right")
-    axes[2].set_title("bursty trace (first repeat), adaptive policy")
+    axes[3].set_title("bursty trace (first repeat), adaptive policy")
     fig.suptitle(f"{results['model']} on this CPU, deadline {results['slo_ms']:g} ms, open-loop traffic "
                  f"(medians of {results['repeats']} repeats, bars: range)")
     fig.tight_layout()
@@ -314,8 +337,8 @@ def log_run(results: dict[str, Any], out: Path, tracking_uri: str, model_uri: st
     for p, r in results["policies"].items():
         for run_name, s in r["median"].items():
             key = f"{p.replace(' ', '_')}.{run_name.replace('.', '_')}"
-            client.log_metric(run.info.run_id, f"{key}.attainment", s["attainment"])
-            client.log_metric(run.info.run_id, f"{key}.effective_accuracy", s["effective_accuracy"])
+            for score in SCORES:
+                client.log_metric(run.info.run_id, f"{key}.{score}", s[score])
     client.log_param(run.info.run_id, "slo_ms", results["slo_ms"])
     client.log_param(run.info.run_id, "repeats", results["repeats"])
     for f in ("serving.json", "serving.md", "serving.png"):
@@ -352,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     masks = [m["mask"] for m in json.loads(locate(None, None, model_uri, "cpu", tracking_uri)[1].read_text())["front"]]
     n = len(masks[0])
     super_mask, base_mask = "F" * n, "T" * n
+    accuracy = pool_accuracy(model_uri, tracking_uri, images, list(dict.fromkeys([super_mask, *masks, base_mask])))
     started = time.time()
     steps = 2 + 1 + args.repeats * (len(LOADS) + 1)
     bar = tqdm(total=steps, desc="serving bench", unit="step")
@@ -377,15 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         answers = replay(url, loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images, slo)
         cost["engine_ms"] = statistics.median(a.latency_ms for a in answers if a.status == 200)
         host.remove("echo")
-        # The best fixed middle mask: of up to three middle masks of the front, the best effective accuracy on a
-        # short bursty trace.
+        # The best fixed middle mask: of up to three middle masks of the front, the best expected effective accuracy
+        # on a short bursty trace.
         middle = [m for m in masks if m not in (super_mask, base_mask)]
         middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
         scores = {}
         for mask in dict.fromkeys(middle):
             url = host.add(f"fixed {mask}", policy="fixed", mask=mask)
             arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
-            scores[mask] = (loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo))["effective_accuracy"],
+            scores[mask] = (loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo),
+                                              mask_accuracy=accuracy)["expected_accuracy"],
                             url)
         if scores:
             best = max(scores, key=lambda m: scores[m][0])
@@ -403,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 arrivals = loadgen.poisson(x * caps["super"], args.seconds, np.random.default_rng(100 * r + k))
                 order = shuffled(images, 100 * r + k)
                 for name in names[r % len(names):] + names[:r % len(names)]:  # a different policy first each repeat
-                    summary = loadgen.summarize(replay(urls[name], arrivals, order, slo), args.seconds)
+                    summary = loadgen.summarize(replay(urls[name], arrivals, order, slo), args.seconds, accuracy)
                     runs[name].setdefault(f"{x:g}x", []).append(summary)
                 progress(f"repeat {r + 1}, {x:g} x")
             arrivals = loadgen.phases(bursty(caps["super"], args.burst_seconds, args.period_s),
@@ -411,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             order = shuffled(images, 1000 + r)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 answers = replay(urls[name], arrivals, order, slo)
-                runs[name].setdefault("bursty", []).append(loadgen.summarize(answers, args.burst_seconds))
+                runs[name].setdefault("bursty", []).append(loadgen.summarize(answers, args.burst_seconds, accuracy))
                 if r == 0:
                     traces[name] = trace_bins(answers, 1.0)
             progress(f"repeat {r + 1}, bursty")
@@ -421,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     results: dict[str, Any] = {
         "model": info["model"], "model_uri": model_uri, "slo_ms": slo, "front": info["front"], "capacity": caps,
+        "pool_accuracy": accuracy,
         "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
+        "images": len(images[0]),
         "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
                             "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}
-    results["paired"] = {run: {key: paired(results, run, key) for key in ("attainment", "effective_accuracy")}
+    results["paired"] = {run: {key: paired(results, run, key) for key in SCORES}
                          for run in runs_of(results)}
     results["wall_s"] = round(time.time() - started, 1)
     (out / "serving.json").write_text(json.dumps(results, indent=1))

@@ -8,7 +8,7 @@ import asyncio
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,12 +104,19 @@ def replay(url: str, arrivals: Sequence[float], bodies: Sequence[bytes], labels:
     return asyncio.run(_replay(url, arrivals, bodies, labels, deadline_ms, timeout_s, max_in_flight))
 
 
-def summarize(answers: Sequence[Answer], duration_s: float | None = None) -> dict:
-    """Attainment, effective accuracy, latency percentiles, throughput and the mix of masks of a replay."""
+def summarize(answers: Sequence[Answer], duration_s: float | None = None,
+              mask_accuracy: Mapping[str, float] | None = None) -> dict:
+    """Attainment, effective accuracy, latency percentiles, throughput and the mix of masks of a replay.
+
+    With ``mask_accuracy`` (each mask's top-1 over the image pool the requests are drawn from), also the expected
+    effective accuracy: every answer in time scores its mask's accuracy instead of its own image's 0 or 1, which
+    keeps the policy's choices and removes the noise of which images a short run happened to send."""
     sent = len(answers)
     if sent == 0:
         return {"sent": 0}
     ok = [a for a in answers if a.status == 200]
+    expected = ({"expected_accuracy": sum(mask_accuracy[a.mask] for a in answers if a.in_time) / sent}
+                if mask_accuracy is not None else {})
     latencies = sorted(a.latency_ms for a in ok) or [float("nan")]
     span = duration_s or (max(a.at_s for a in answers) - min(a.at_s for a in answers)) or 1.0
     masks = Counter(a.mask for a in ok)
@@ -126,4 +133,5 @@ def summarize(answers: Sequence[Answer], duration_s: float | None = None) -> dic
         "throughput": sum(a.in_time for a in answers) / span,
         "masks": {m: c / max(len(ok), 1) for m, c in sorted(masks.items())},
         "mean_batch": statistics.fmean(a.batch_size for a in ok) if ok else 0.0,
+        **expected,
     }

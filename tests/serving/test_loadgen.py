@@ -37,3 +37,7 @@ def test_attainment_and_effective_accuracy_count_every_request_sent() -> None:
     assert s["accuracy_answered"] == pytest.approx(2 / 3) and s["throughput"] == pytest.approx(2.0)
     assert s["masks"] == {"FFFF": pytest.approx(2 / 3), "TTTT": pytest.approx(1 / 3)}
     assert s["p50_ms"] == 40.0
+    assert "expected_accuracy" not in s
+    # Expected: the two answers in time score their masks' pool accuracy, the late, shed and lost ones nothing.
+    s = loadgen.summarize(answers, duration_s=1.0, mask_accuracy={"FFFF": 0.9, "TTTT": 0.6})
+    assert s["expected_accuracy"] == pytest.approx((0.9 + 0.6) / 5)
