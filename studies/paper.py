@@ -158,9 +158,22 @@ def curves(per_seed: dict[int, dict[str, dict[int, float]]], seeds: list[int]) -
     for row in CURVES:
         epochs = sorted(set.intersection(*(set(per_seed[s][row]) for s in seeds)))
         cells = [spread([per_seed[s][row][e] for s in seeds]) for e in epochs]
-        out[row] = {"epochs": epochs, "mean": [c["mean"] for c in cells], "std": [c["std"] for c in cells],
+        mean, std = [c["mean"] for c in cells], [c["std"] for c in cells]
+        out[row] = {"epochs": epochs, "mean": mean, "std": std, "plateau": plateau(epochs, mean, std),
                     "per_seed": {str(s): [100 * per_seed[s][row][e] for e in epochs] for s in seeds}}
     return out
+
+
+def plateau(epochs: list[int], mean: list[float], std: list[float]) -> dict[str, Any]:
+    """Whether a curve has stopped improving: its mean gain over the last quarter of the epochs against the
+    seed-to-seed standard deviation at the end (flat when the gain is not larger)."""
+    back = max(1, len(epochs) // 4)
+    if len(epochs) <= back:
+        return {"from_epoch": None, "to_epoch": epochs[-1] if epochs else None, "gain": None, "spread": None,
+                "flat": False}
+    gain = mean[-1] - mean[-1 - back]
+    return {"from_epoch": epochs[-1 - back], "to_epoch": epochs[-1], "gain": gain, "spread": std[-1],
+            "flat": gain <= std[-1]}
 
 
 def claims(per_seed: dict[int, dict[str, dict[str, float]]], seeds: list[int], sup: str, base: str,
@@ -278,6 +291,13 @@ def curve_table(result: dict[str, Any], rows: int = 12) -> list[str]:
             j = c["epochs"].index(epochs[i]) if epochs[i] in c["epochs"] else None
             cells.append("" if j is None else f"{c['mean'][j]:.2f} ± {c['std'][j]:.2f}")
         lines.append(f"| {epochs[i]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for k in CURVES:
+        p = curves[k]["plateau"]
+        if p["gain"] is None:
+            continue
+        lines.append(f"- {ROW_NAMES[k]}: {p['gain']:+.2f} points from epoch {p['from_epoch']} to {p['to_epoch']}, "
+                     f"seed-to-seed spread {p['spread']:.2f}: " + ("flat" if p["flat"] else "still rising") + ".")
     return lines
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from studies.paper import claims, curves
+from studies.paper import claims, curves, plateau
 from studies.stats import paired, verdict
 
 # Student's t quantiles at 0.975, from a printed table: 2 and 4 degrees of freedom.
@@ -79,3 +79,15 @@ def test_learning_curves_keep_the_epochs_every_seed_evaluated() -> None:
     assert c["vanilla"]["mean"] == pytest.approx([25.0, 50.0])
     assert c["vanilla"]["std"] == pytest.approx([math.sqrt(50.0), math.sqrt(200.0)])  # sample sd of 20, 30 and 40, 60
     assert c["adn_base"]["per_seed"] == {"0": pytest.approx([20.0, 40.0]), "1": pytest.approx([30.0, 60.0])}
+    # Two epochs: the last quarter is the last epoch; vanilla gained 25 points against a spread of sqrt(200).
+    assert c["vanilla"]["plateau"] == {"from_epoch": 1, "to_epoch": 2, "gain": pytest.approx(25.0),
+                                       "spread": pytest.approx(math.sqrt(200.0)), "flat": False}
+
+
+def test_a_curve_is_flat_when_its_last_quarter_gains_less_than_the_seed_spread() -> None:
+    epochs = list(range(1, 9))
+    rising = plateau(epochs, [10, 20, 30, 40, 50, 60, 70, 80], [3.0] * 8)
+    assert (rising["from_epoch"], rising["gain"], rising["flat"]) == (6, 20.0, False)  # 8 // 4 = 2 epochs back
+    flat = plateau(epochs, [10, 40, 60, 70, 75, 78, 79, 80], [1.5] * 7 + [2.0])
+    assert (flat["gain"], flat["spread"], flat["flat"]) == (2.0, 2.0, True)
+    assert plateau([1], [50.0], [0.0])["flat"] is False  # one epoch says nothing
