@@ -7,8 +7,10 @@ MODEL  ?= resnet_mini
 DATA   ?= data/digits
 
 .DEFAULT_GOAL := help
-STUDY_EPOCHS ?= 24
+STUDY_EPOCHS ?= 60
+STUDY_SEEDS  ?= 0 1 2 3 4
 STUDY_JOBS   ?= 2
+FINETUNE_EPOCHS ?= 24
 
 .PHONY: help install test test-fast demo reproduce reproduce-finetune train train-cluster system-deps bench lint clean \
 	gpu-wheels gpu-check-cpu \
@@ -42,15 +44,15 @@ demo: install  ## the whole path on the embedded digits: shards, train a small A
 	$(PY) -m search.pareto --target cpu --checkpoint runs/demo --data data/digits --out runs/demo/pareto-cpu
 	@echo "serve what it trained (Ray Serve, depth picked per batch to meet deadlines): make serve CHECKPOINT=runs/demo PARETO=runs/demo/pareto-cpu"
 
-reproduce: install  ## the paper's claims on digits-hard: 3 seeds x (vanilla, base alone, ADN) into runs/study (12 min on 2 cores)
+reproduce: install  ## the paper's claims on digits-hard: STUDY_SEEDS (5) x (vanilla, base alone, ADN), STUDY_EPOCHS (60) each, paired verdicts, into runs/study (48 min on 2 cores; STUDY_EPOCHS=24 STUDY_SEEDS="0 1 2": 12 min)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
 	DS_ACCELERATOR=cpu $(PY) -m studies.paper --data data/digits-hard --model resnet_mini --epochs $(STUDY_EPOCHS) \
-		--jobs $(STUDY_JOBS) --out runs/study $(ARGS)
+		--seeds $(STUDY_SEEDS) --jobs $(STUDY_JOBS) --out runs/study $(ARGS)
 
-reproduce-finetune: install  ## a trained network converted into an ADN by fine-tunes of 0-50 % of the epochs at 3 LRs, against ADN from scratch, into runs/finetune (36 min on 2 cores)
+reproduce-finetune: install  ## a trained network converted into an ADN by fine-tunes of 0-50 % of the epochs at 3 LRs, against ADN from scratch, FINETUNE_EPOCHS (24) from scratch, into runs/finetune (36 min on 2 cores)
 	test -f data/digits-hard/val.json || $(PY) -m pipeline.data.shard digits-hard --out data/digits-hard
 	DS_ACCELERATOR=cpu $(PY) -m studies.finetune --data data/digits-hard --model resnet_mini \
-		--epochs $(STUDY_EPOCHS) --lrs 0.01 0.03 0.1 --jobs $(STUDY_JOBS) --out runs/finetune $(ARGS)
+		--epochs $(FINETUNE_EPOCHS) --lrs 0.01 0.03 0.1 --jobs $(STUDY_JOBS) --out runs/finetune $(ARGS)
 
 train: install  ## train MODEL on the shards in DATA (one process; see pipeline.train --help for the launchers)
 	$(PY) -m pipeline.train --model $(MODEL) --data $(DATA) --output runs/$(MODEL)-adn $(ARGS)

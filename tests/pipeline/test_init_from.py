@@ -122,7 +122,7 @@ def test_the_finetune_recipes_are_the_paper_ones_for_a_quarter_of_the_epochs() -
     tuned = resolve_config(parse_args(["--recipe", "resnet_mini_finetune", "--data", ".", "--init-from", "x"]))
     assert tuned.model == "resnet_mini" and tuned.init_from == "x"
     assert tuned.data == scratch.data and tuned.adn == scratch.adn
-    assert tuned.optimizer == scratch.optimizer and tuned.epochs == 24 // 4  # make reproduce: 24 epochs
+    assert tuned.optimizer == scratch.optimizer and tuned.epochs == 24 // 4  # make reproduce-finetune: 24 epochs
     for model in ("resnet50", "vit_b16"):
         paper = resolve_config(parse_args(["--model", model, "--data", "."]))
         fine = resolve_config(parse_args(["--recipe", f"{model}_finetune", "--data", "."]))
