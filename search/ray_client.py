@@ -80,8 +80,9 @@ def _sigterm_held() -> Iterator[None]:
         raise Terminated("stopped by SIGTERM")
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray.
+def connect(address: str | None, metrics_port: int | None = None) -> None:
+    """Join the cluster at ``address``, or start a local Ray (exporting Prometheus metrics on ``metrics_port`` when
+    given; a cluster's nodes export on the port they were started with).
 
     A SIGTERM raises ``Terminated`` (held while init runs), so a terminated search marks its MLflow runs
     KILLED and shuts Ray down on the way out.
@@ -91,7 +92,7 @@ def connect(address: str | None) -> None:
     if not address:
         with _sigterm_held():
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     num_cpus=os.cpu_count() or 1)
+                     num_cpus=os.cpu_count() or 1, _metrics_export_port=metrics_port)
         return
     probe(address)
     try:

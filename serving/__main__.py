@@ -62,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="HTTP address (default 127.0.0.1; 0.0.0.0 for all)")
     net.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     net.add_argument("--ray-address", help="an existing Ray cluster (make ray-head); default: a local one")
+    net.add_argument("--metrics-port", type=int,
+                     help="the local Ray's Prometheus endpoint, http://127.0.0.1:PORT/metrics (adn_* and Ray Serve's "
+                          "own metrics; default: a free port, printed at start; a cluster's nodes export on the port "
+                          "of ray start --metrics-export-port)")
     p.add_argument("--check", action="store_true", help="check every input and exit (0: it would serve)")
     return p
 
@@ -81,7 +85,8 @@ def preflight(settings: ServeSettings) -> None:
     ServedModel(weights, front, settings.target, "cpu", settings.mask if settings.policy == "fixed" else None)
 
 
-def serve_forever(settings: ServeSettings, host: str, port: int, ray_address: str | None) -> None:
+def serve_forever(settings: ServeSettings, host: str, port: int, ray_address: str | None,
+                  metrics_port: int | None = None) -> None:
     """Start Ray (or join ``ray_address``) and Ray Serve on ``host:port``; block until SIGINT or SIGTERM."""
     from ray import serve
 
@@ -89,7 +94,7 @@ def serve_forever(settings: ServeSettings, host: str, port: int, ray_address: st
 
     from .app import deployment
 
-    connect(ray_address)
+    connect(ray_address, metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -98,6 +103,11 @@ def serve_forever(settings: ServeSettings, host: str, port: int, ray_address: st
         serve.run(deployment(settings), name="adn", route_prefix="/")
         print(f"{READY} http://{host}:{port}/v1/classify (model: GET /v1/model, health: GET /-/healthz); "
               "Ctrl-C stops it.", flush=True)
+        if not ray_address:
+            import ray
+
+            exported = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+            print(f"Prometheus metrics (adn_* and Ray Serve's): http://127.0.0.1:{exported}/metrics", flush=True)
         stop.wait()
     finally:
         serve.shutdown()
@@ -115,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--port must be 1 to 65535, got {args.port}.")
         from pipeline.distributed import port_taken
 
+        if args.metrics_port is not None:
+            if args.ray_address:
+                raise ValueError("--metrics-port applies to a local Ray; the nodes of --ray-address export on the "
+                                 "port of their ray start --metrics-export-port.")
+            if not 0 < args.metrics_port < 65536 or args.metrics_port == args.port:
+                raise ValueError(f"--metrics-port must be 1 to 65535 and not --port, got {args.metrics_port}.")
+            if port_taken("127.0.0.1", args.metrics_port):
+                raise ValueError(f"--metrics-port {args.metrics_port} is taken; pass another.")
         if port_taken(args.host, args.port):
             raise ValueError(f"port {args.port} on {args.host} is taken; stop what listens there or pass --port.")
     except (ValueError, FileNotFoundError) as err:
@@ -122,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         return 0
-    serve_forever(settings, args.host, args.port, args.ray_address)
+    serve_forever(settings, args.host, args.port, args.ray_address, args.metrics_port)
     return 0
 
 

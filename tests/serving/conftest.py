@@ -76,6 +76,7 @@ class Server:
     url: str
     pid: int
     state: Path
+    metrics_port: int | None = None
 
     @property
     def log(self) -> Path:
@@ -97,7 +98,8 @@ def start_server(checkpoint: Path, *flags: str, state: Path) -> Server:
                            str(port), "--", "--checkpoint", str(checkpoint), *flags], cwd=ROOT,
                           env=train_env(RAY_DISABLE_USAGE_STATS="1"), capture_output=True, text=True, timeout=360)
     record = json.loads((state / "serving.json").read_text()) if (state / "serving.json").is_file() else {}
-    server = Server(f"http://127.0.0.1:{port}", record.get("pid", 0), state)
+    metrics = flags[flags.index("--metrics-port") + 1] if "--metrics-port" in flags else None
+    server = Server(f"http://127.0.0.1:{port}", record.get("pid", 0), state, int(metrics) if metrics else None)
     assert done.returncode == 0, done.stdout + done.stderr + (server.log.read_text()[-3000:] if record else "")
     return server
 
@@ -122,8 +124,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint: Path) -> Iterator[Server]:
-    """The deadline policy, batches of up to 4 gathered for up to 10 ms (so concurrent requests share batches)."""
+    """The deadline policy, batches of up to 4 gathered for up to 10 ms (so concurrent requests share batches), its
+    Prometheus metrics on a port of its own."""
     running = start_server(checkpoint, "--max-batch", "4", "--batch-wait-ms", "10", "--slo-ms", "2000",
-                           "--max-body-bytes", "200000", state=checkpoint / "adaptive")
+                           "--max-body-bytes", "200000", "--metrics-port", str(free_port()),
+                           state=checkpoint / "adaptive")
     yield running
     stop_server(running)

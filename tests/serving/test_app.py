@@ -7,12 +7,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 from adn.checkpoint import load_trained
@@ -83,7 +85,7 @@ def test_bad_input_gets_one_clear_answer_and_the_server_keeps_serving(server: Se
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "other model", "other target", "no such registered model",
-                                  "unknown mask"])
+                                  "unknown mask", "metrics port of a cluster"])
 def test_bad_start_is_one_sentence_and_exit_2(case: str, checkpoint: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "pareto.json"
@@ -94,13 +96,15 @@ def test_bad_start_is_one_sentence_and_exit_2(case: str, checkpoint: Path, tmp_p
             "other target": ["--checkpoint", str(checkpoint), "--target", "a100"],
             "no such registered model": ["--model-uri", "models:/adn-nothing/1",
                                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-            "unknown mask": ["--checkpoint", str(checkpoint), "--policy", "fixed", "--mask", "TXFF"]}[case]
+            "unknown mask": ["--checkpoint", str(checkpoint), "--policy", "fixed", "--mask", "TXFF"],
+            "metrics port of a cluster": ["--checkpoint", str(checkpoint), "--ray-address", "127.0.0.1:6379",
+                                          "--metrics-port", "9100"]}[case]
     assert serving_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert {"no checkpoint": "no trained weights", "other model": "searched for resnet_mini",
             "other target": "target 'cpu'", "no such registered model": "adn-nothing",
-            "unknown mask": "TXFF"}[case] in err
+            "unknown mask": "TXFF", "metrics port of a cluster": "applies to a local Ray"}[case] in err
 
 
 def test_a_replica_killed_with_sigkill_is_replaced(server: Server) -> None:
@@ -118,6 +122,27 @@ def test_a_replica_killed_with_sigkill_is_replaced(server: Server) -> None:
     else:
         raise AssertionError(f"no new replica answered within 90 s:\n{server.log.read_text()[-2000:]}")
     assert all(server.post(body).status_code == 200 for _ in range(5))
+
+
+def test_prometheus_metrics_count_requests_per_mask_and_outcome(server: Server) -> None:
+    for body in encoded_images(3, seed=7):
+        assert server.post(body, 2000).status_code == 200
+    deadline = time.monotonic() + 30  # the line comes once serve.run returns, maybe after the first answers
+    while not (found := re.search(r"Prometheus metrics .*: (http://127\.0\.0\.1:(\d+)/metrics)",
+                                  server.log.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert found and int(found.group(2)) == server.metrics_port, server.log.read_text()[-2000:]
+    deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds, what it has by then
+    while True:
+        text = requests.get(found.group(1), timeout=10).text
+        served = sum(float(v) for v in re.findall(r'^\w*adn_requests\w*\{[^}]*mask="[TF]{4}"[^}]*\} (\S+)$', text,
+                                                  re.M))
+        met = sum(float(v) for v in re.findall(r'^\w*adn_deadlines\w*\{[^}]*outcome="met"[^}]*\} (\S+)$', text,
+                                               re.M))
+        if served >= 3 and met >= 3 and "adn_batch_size" in text and "adn_queue_ms" in text:
+            break
+        assert time.monotonic() < deadline, f"the 3 requests are not all in the metrics within 90 s:\n{text[-3000:]}"
+        time.sleep(2)
 
 
 def depth(mask: str) -> float:
