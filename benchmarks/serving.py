@@ -125,14 +125,14 @@ def echo() -> Any:
     return Echo.bind()
 
 
-def pool_accuracy(model_uri: str, tracking_uri: str, images: tuple[list[bytes], list[int]],
+def pool_accuracy(weights: Path, front: Path, images: tuple[list[bytes], list[int]],
                   masks: list[str]) -> dict[str, float]:
     """Top-1 of each mask over the image pool, computed in this process as the replicas compute it."""
     import torch
 
-    from serving.model import ServedModel, locate
+    from serving.model import ServedModel
 
-    model = ServedModel(*locate(None, None, model_uri, "cpu", tracking_uri), "cpu")
+    model = ServedModel(weights, front, "cpu")
     batch = torch.stack([model.preprocess(body) for body in images[0]])
     labels = torch.tensor(images[1])
     return {m: float((model.probabilities(batch, m).argmax(1) == labels).float().mean()) for m in masks}
@@ -372,10 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
     model_uri = args.model_uri or register(args.checkpoint, tracking_uri)
     images = validation_images(args.data, args.images)
-    masks = [m["mask"] for m in json.loads(locate(None, None, model_uri, "cpu", tracking_uri)[1].read_text())["front"]]
+    weights, front = locate(None, None, model_uri, "cpu", tracking_uri)
+    masks = [m["mask"] for m in json.loads(front.read_text())["front"]]
     n = len(masks[0])
     super_mask, base_mask = "F" * n, "T" * n
-    accuracy = pool_accuracy(model_uri, tracking_uri, images, list(dict.fromkeys([super_mask, *masks, base_mask])))
+    accuracy = pool_accuracy(weights, front, images, list(dict.fromkeys([super_mask, *masks, base_mask])))
     started = time.time()
     steps = 2 + 1 + args.repeats * (len(LOADS) + 1)
     bar = tqdm(total=steps, desc="serving bench", unit="step")

@@ -15,6 +15,7 @@ import pytest
 import requests
 import yaml
 
+from cluster.state import wait_until
 from pipeline.distributed import free_port
 
 from ..conftest import ROOT, train_env
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def in_session(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (``serve run`` and what it started: Ray's GCS, raylet, workers)."""
+    """The live processes of session ``sid`` (``serve run`` and what it started: Ray's GCS, raylet, workers). Not
+    ``cluster.state.group_members``: Ray's actors lead process groups of their own within the session."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
@@ -68,9 +70,7 @@ def test_serve_run_of_the_shipped_config_answers_with_a_front_mask(tmp_path: Pat
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         log.close()
-    end = time.monotonic() + 30  # Ray's own processes go down after the driver
-    while in_session(proc.pid) and time.monotonic() < end:
-        time.sleep(0.5)
+    wait_until(lambda: not in_session(proc.pid), 30, interval_s=0.5)  # Ray's own processes go down after the driver
     left = in_session(proc.pid)
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
