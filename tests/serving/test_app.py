@@ -1,14 +1,19 @@
 """The Ray Serve application on 127.0.0.1, for real: answers equal direct calls of the model under the mask they
 report, bad input gets one clear answer while the server keeps serving, a killed replica is replaced, and under a
-burst the deadline policy runs shallower masks and meets more deadlines than the fixed super-net."""
+burst the deadline policy runs shallower masks and meets more deadlines than the fixed super-net; the shipped
+``cluster/ray/serve.yaml`` runs with ``serve run`` (in this file, so that its Ray start-up never overlaps the burst
+test on another pytest worker)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,14 +21,18 @@ import numpy as np
 import pytest
 import requests
 import torch
+import yaml
 
 from adn.checkpoint import load_trained
+from cluster.state import wait_until
 from pipeline.data.loader import decode_image
 from pipeline.data.transforms import Normalize, val_transform
+from pipeline.distributed import free_port
 from serving import loadgen
 from serving.__main__ import main as serving_main
 
-from .conftest import Server, encoded_images, start_server, stop_server
+from ..conftest import ROOT, train_env
+from .conftest import FRONT, Server, encoded_images, make_checkpoint, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +180,57 @@ def test_under_a_burst_the_deadline_policy_runs_shallower_and_meets_more_deadlin
     assert np.mean(during) < np.mean(before), (np.mean(before), np.mean(during))
     got, base = loadgen.summarize(adaptive), loadgen.summarize(fixed)
     assert got["attainment"] > base["attainment"], (got, base)
+
+
+def in_session(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (``serve run`` and what it started: Ray's GCS, raylet, workers). Not
+    ``cluster.state.group_members``: Ray's actors lead process groups of their own within the session."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_serve_run_of_the_shipped_config_answers_with_a_front_mask(tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    config = yaml.safe_load((ROOT / "cluster" / "ray" / "serve.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"].update(checkpoint=str(checkpoint), pareto=str(checkpoint / "pareto-cpu"),
+                                             slo_ms=5000, latency_budget_s=5)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (tmp_path / "serve-run.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=ROOT,
+                            env=train_env(RAY_DISABLE_USAGE_STATS="1"), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        body, deadline, answer = encoded_images(1)[0], time.monotonic() + 240, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(requests.RequestException):
+                answer = requests.post(f"http://127.0.0.1:{port}/v1/classify", data=body, timeout=10)
+                if answer.status_code == 200:
+                    break
+            time.sleep(1)
+        output = (tmp_path / "serve-run.log").read_text()[-3000:]
+        assert answer is not None and answer.status_code == 200, output
+        assert answer.json()["mask"] in {mask for mask, _, _ in FRONT} and len(answer.json()["top5"]) == 5
+        assert requests.get(f"http://127.0.0.1:{port}/-/healthz", timeout=10).status_code == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+    wait_until(lambda: not in_session(proc.pid), 30, interval_s=0.5)  # Ray's own processes go down after the driver
+    left = in_session(proc.pid)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of serve run outlived its Ctrl-C: {left}"
