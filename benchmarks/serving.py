@@ -7,13 +7,13 @@ Open-loop traffic (arrival times fixed in advance) from an asynchronous HTTP cli
 validation images and their labels. One local Ray Serve holds one application per policy (fixed FF..F, fixed
 TT..T, the best fixed middle mask of the front, the adaptive deadline policy), each under its own route. First the
 capacity of fixed FF..F and of fixed TT..T (the highest rate at which 99 % meet the deadline, by bisection); then,
-in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F and a bursty
-trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy replaying the same arrivals in
-turns. Figures per run: deadline attainment (answered within the deadline / sent), effective accuracy (answered
-correctly within the deadline / sent), its expected value (each answer in time scores its mask's top-1 over the
-image pool: the same choices without the noise of which images a short run sent), p50/p99 latency, goodput and the
-mix of masks, as medians over the repeats with their range, and the paired difference of the adaptive policy
-against the best fixed one. Writes
+in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F, and in each of
+--burst-repeats rounds a bursty trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy
+replaying the same arrivals in turns. Figures per run: deadline attainment (answered within the deadline / sent),
+effective accuracy (answered correctly within the deadline / sent), its expected value (each answer in time scores
+its mask's top-1 over the image pool: the same choices without the noise of which images a short run sent), p50/p99
+latency, goodput and the mix of masks, as medians over the repeats with their range, and the paired difference of
+the adaptive policy against the best fixed one. Writes
 serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the registered model
 version it served (the checkpoint is registered first unless --model-uri says).
 """
@@ -245,12 +245,12 @@ def runs_of(results: dict[str, Any]) -> list[str]:
 def table(results: dict[str, Any]) -> str:
     policies = list(results["policies"])
     cap = results["capacity"]
-    reps = results["repeats"]
+    reps = f"{results['repeats']} repeats ({results.get('burst_repeats', results['repeats'])} for the bursty trace)"
     lines = [f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
              f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x). Loads are multiples of FF..F's.",
              f"Top-1 of each mask over the {results['images']} pool images: "
              + ", ".join(f"{m} {100 * a:.1f} %" for m, a in results["pool_accuracy"].items()) + ".",
-             f"Each cell: median over {reps} repeats [lowest, highest]; every policy replays the same arrivals in a "
+             f"Each cell: median over {reps} [lowest, highest]; every policy replays the same arrivals in a "
              "repeat, the policies in turns.", ""]
     for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
@@ -358,12 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="length of each steady run")
     p.add_argument("--burst-seconds", type=float, default=60.0, help="length of the bursty trace")
     p.add_argument("--period-s", type=float, default=10.0, help="length of each phase of the bursty trace")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of every run (medians and ranges are reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="repeats of every steady run (medians and ranges are reported)")
+    p.add_argument("--burst-repeats", type=int, default=5,
+                   help="repeats of the bursty trace (its run-to-run noise is the largest)")
     p.add_argument("--images", type=int, default=360, help="validation images to cycle through")
     p.add_argument("--out", default="docs/serving", help="where serving.json, .md and .png go")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
-        p.error("--repeats, --seconds and --burst-seconds must be positive.")
+    if min(args.repeats, args.burst_repeats) < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
+        p.error("--repeats, --burst-repeats, --seconds and --burst-seconds must be positive.")
     from pipeline.tracking import resolve_tracking_uri
     from serving.model import locate
 
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     super_mask, base_mask = "F" * n, "T" * n
     accuracy = pool_accuracy(weights, front, images, list(dict.fromkeys([super_mask, *masks, base_mask])))
     started = time.time()
-    steps = 2 + 1 + args.repeats * (len(LOADS) + 1)
+    steps = 2 + 1 + args.repeats * len(LOADS) + args.burst_repeats
     bar = tqdm(total=steps, desc="serving bench", unit="step")
 
     def progress(what: str) -> None:
@@ -424,14 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in urls}
         traces: dict[str, list[dict[str, float]]] = {}
         names = list(urls)
-        for r in range(args.repeats):
-            for k, x in enumerate(LOADS):
+        for r in range(max(args.repeats, args.burst_repeats)):
+            for k, x in enumerate(LOADS if r < args.repeats else ()):
                 arrivals = loadgen.poisson(x * caps["super"], args.seconds, np.random.default_rng(100 * r + k))
                 order = shuffled(images, 100 * r + k)
                 for name in names[r % len(names):] + names[:r % len(names)]:  # a different policy first each repeat
                     summary = loadgen.summarize(replay(urls[name], arrivals, order, slo), args.seconds, accuracy)
                     runs[name].setdefault(f"{x:g}x", []).append(summary)
                 progress(f"repeat {r + 1}, {x:g} x")
+            if r >= args.burst_repeats:
+                continue
             arrivals = loadgen.phases(bursty(caps["super"], args.burst_seconds, args.period_s),
                                       np.random.default_rng(1000 + r))
             order = shuffled(images, 1000 + r)
@@ -449,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": info["model"], "model_uri": model_uri, "slo_ms": slo, "front": info["front"], "capacity": caps,
         "pool_accuracy": accuracy,
         "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
+        "burst_repeats": args.burst_repeats,
         "images": len(images[0]),
         "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
                             "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}

@@ -43,11 +43,15 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("--margin-ms", type=float, default=3.0,
                      help="slack kept for the way back to the client (default 3 ms)")
     pol.add_argument("--calm-s", type=float, default=0.5,
-                     help="after a shed, a miss or a long queue only the faster half of the masks stays allowed; "
-                          "one slower mask comes back per calm period of this many seconds (default 0.5)")
+                     help="after a shed, a miss or a long queue the slowest mask allowed falls halfway to the "
+                          "fastest mask's time; one slower mask comes back per calm period of this many seconds "
+                          "(default 0.5)")
     pol.add_argument("--pressure", type=float, default=0.5,
                      help="a request that waited more than this share of its deadline counts as trouble "
                           "(default 0.5)")
+    pol.add_argument("--speed-tolerance", type=float, default=0.1,
+                     help="masks within this share of the fastest mask's time always stay allowed: they serve about "
+                          "as many requests (default 0.1)")
     bat = p.add_argument_group("batching and replicas")
     bat.add_argument("--max-batch", type=int, default=16, help="largest batch (@serve.batch max_batch_size)")
     bat.add_argument("--batch-wait-ms", type=float, default=0.0,

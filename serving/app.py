@@ -67,7 +67,8 @@ class ADNServer:
         self.latency = self.served.measure_latency(self.settings.max_batch, self.settings.latency_budget_s)
         acc = {p.mask: p.acc1 for p in self.served.front}
         self.choices = fastest_first([(m, acc.get(m, 0.0)) for m in self.served.masks], self.latency)
-        self._cap = DepthCap(len(self.choices), self.settings.calm_s, self.settings.pressure)
+        self._cap = DepthCap([self.latency(m, 1) for m, _ in self.choices], self.settings.calm_s,
+                             self.settings.pressure, self.settings.speed_tolerance)
         self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adn-forward")
         self._waiting: dict[int, float] = {}  # deadlines of the requests queued for a batch, by id(Pending)
         self._idle: asyncio.Event | None = None  # set while no batch runs (made in the replica's event loop)
@@ -96,7 +97,7 @@ class ADNServer:
                               "slowdown_now": round(self._slowdown, 3)},
             "policy": {"name": s.policy, "mask": self.served.fixed_mask, "slo_ms": s.slo_ms, "on_late": s.on_late,
                        "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "margin_ms": s.margin_ms,
-                       "calm_s": s.calm_s, "pressure": s.pressure,
+                       "calm_s": s.calm_s, "pressure": s.pressure, "speed_tolerance": s.speed_tolerance,
                        "masks_allowed_now": [m for m, _ in self.choices[:self._cap.allowed]]},
             "source": s.model_uri or s.checkpoint, "pid": os.getpid(),
         }

@@ -68,28 +68,40 @@ Latency = Callable[[str, int], float]  # (mask, batch size) -> ms: a LatencyMode
 
 
 class DepthCap:
-    """Feedback over the per-batch choice: how many of the front's masks, fastest first, a batch may pick from.
+    """Feedback over the per-batch choice: the slowest mask, by its time for a batch of one, a batch may pick from.
 
     The per-batch choice sees only the requests that reached the replica; queueing before it (the proxy, the
     network, CPU shared with them) shows up as trouble: a request shed, one answered after its deadline, or one
-    that waited more than ``pressure`` of its deadline before its batch started. After trouble only the faster
-    half of the allowed masks stays allowed; after ``calm_s`` seconds without trouble one slower mask comes back.
+    that waited more than ``pressure`` of its deadline before its batch started. After trouble the time limit
+    falls halfway to the fastest mask's time, but never below ``tolerance`` above it: masks that close to the
+    fastest serve about as many requests, so cutting them would cost accuracy for no speed. After ``calm_s``
+    seconds without trouble the next slower mask comes back.
     """
 
-    def __init__(self, masks: int, calm_s: float = 0.5, pressure: float = 0.5) -> None:
-        if masks < 1:
+    def __init__(self, times_ms: Sequence[float], calm_s: float = 0.5, pressure: float = 0.5,
+                 tolerance: float = 0.1) -> None:
+        if not times_ms:
             raise ValueError("the depth cap needs at least one mask.")
-        self.masks, self.calm_s, self.pressure = masks, calm_s, pressure
-        self.allowed = masks
+        if list(times_ms) != sorted(times_ms):
+            raise ValueError(f"the depth cap takes the masks' times fastest first, got {list(times_ms)}.")
+        self.times = [float(t) for t in times_ms]
+        self.calm_s, self.pressure = calm_s, pressure
+        self.floor_ms = self.times[0] * (1 + tolerance)
+        self.limit_ms = self.times[-1]
         self._since = -math.inf
+
+    @property
+    def allowed(self) -> int:
+        """How many masks, fastest first, a batch may pick from now."""
+        return bisect.bisect_right(self.times, self.limit_ms)
 
     def update(self, now_s: float, trouble: bool) -> int:
         """The number of masks allowed after a batch that ended at ``now_s`` (seconds) with or without trouble."""
         if trouble:
-            self.allowed = max(1, self.allowed // 2)
+            self.limit_ms = max(self.floor_ms, (self.times[0] + self.limit_ms) / 2)
             self._since = now_s
-        elif self.allowed < self.masks and now_s - self._since >= self.calm_s:
-            self.allowed += 1
+        elif self.allowed < len(self.times) and now_s - self._since >= self.calm_s:
+            self.limit_ms = self.times[self.allowed]
             self._since = now_s
         return self.allowed
 

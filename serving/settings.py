@@ -29,6 +29,7 @@ class ServeSettings:
     margin_ms: float = 3.0
     calm_s: float = 0.5
     pressure: float = 0.5
+    speed_tolerance: float = 0.1
     max_body_bytes: int = 8 * 1024 * 1024
     max_ongoing: int = 512
     replicas: int = 1
@@ -48,7 +49,7 @@ class ServeSettings:
             raise ValueError(f"--on-late must be one of {', '.join(ON_LATE)}, got {self.on_late!r}.")
         if not 0 < self.pressure <= 1:
             raise ValueError(f"--pressure must be in (0, 1], got {self.pressure}.")
-        for name in ("slo_ms", "batch_wait_ms", "margin_ms", "latency_budget_s", "calm_s"):
+        for name in ("slo_ms", "batch_wait_ms", "margin_ms", "latency_budget_s", "calm_s", "speed_tolerance"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "slo_ms" and value == 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}.")

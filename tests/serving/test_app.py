@@ -94,7 +94,7 @@ def test_bad_input_gets_one_clear_answer_and_the_server_keeps_serving(server: Se
 
 
 @pytest.mark.parametrize("case", ["no checkpoint", "other model", "other target", "no such registered model",
-                                  "unknown mask", "metrics port of a cluster"])
+                                  "unknown mask", "metrics port of a cluster", "negative speed tolerance"])
 def test_bad_start_is_one_sentence_and_exit_2(case: str, checkpoint: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "pareto.json"
@@ -107,13 +107,15 @@ def test_bad_start_is_one_sentence_and_exit_2(case: str, checkpoint: Path, tmp_p
                                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
             "unknown mask": ["--checkpoint", str(checkpoint), "--policy", "fixed", "--mask", "TXFF"],
             "metrics port of a cluster": ["--checkpoint", str(checkpoint), "--ray-address", "127.0.0.1:6379",
-                                          "--metrics-port", "9100"]}[case]
+                                          "--metrics-port", "9100"],
+            "negative speed tolerance": ["--checkpoint", str(checkpoint), "--speed-tolerance", "-0.1"]}[case]
     assert serving_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert {"no checkpoint": "no trained weights", "other model": "searched for resnet_mini",
             "other target": "target 'cpu'", "no such registered model": "adn-nothing",
-            "unknown mask": "TXFF", "metrics port of a cluster": "applies to a local Ray"}[case] in err
+            "unknown mask": "TXFF", "metrics port of a cluster": "applies to a local Ray",
+            "negative speed tolerance": "--speed-tolerance must be a positive number"}[case] in err
 
 
 def test_a_replica_killed_with_sigkill_is_replaced(server: Server) -> None:
