@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tarfile
@@ -246,7 +247,8 @@ def table(results: dict[str, Any]) -> str:
     policies = list(results["policies"])
     cap = results["capacity"]
     reps = f"{results['repeats']} repeats ({results.get('burst_repeats', results['repeats'])} for the bursty trace)"
-    lines = [f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
+    lines = [f"Ray Serve ingress: {results.get('ingress', 'proxy')}.",
+             f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
              f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x). Loads are multiples of FF..F's.",
              f"Top-1 of each mask over the {results['images']} pool images: "
              + ", ".join(f"{m} {100 * a:.1f} %" for m, a in results["pool_accuracy"].items()) + ".",
@@ -363,12 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-repeats", type=int, default=5,
                    help="repeats of the bursty trace (its run-to-run noise is the largest)")
     p.add_argument("--images", type=int, default=360, help="validation images to cycle through")
+    p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
+                   help="Ray Serve's HTTP ingress: HAProxy straight to the replicas (its stats and metrics "
+                        "listeners bind every interface, on free ports), or Serve's Python proxy actor")
     p.add_argument("--out", default="docs/serving", help="where serving.json, .md and .png go")
     args = p.parse_args(argv)
     if min(args.repeats, args.burst_repeats) < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
         p.error("--repeats, --burst-repeats, --seconds and --burst-seconds must be positive.")
     from pipeline.tracking import resolve_tracking_uri
+    from search.ray_client import serve_ingress_env
     from serving.model import locate
+
+    os.environ.update(serve_ingress_env(args.ingress, free_ports=True))  # before the local Ray starts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": info["model"], "model_uri": model_uri, "slo_ms": slo, "front": info["front"], "capacity": caps,
         "pool_accuracy": accuracy,
         "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
-        "burst_repeats": args.burst_repeats,
+        "burst_repeats": args.burst_repeats, "ingress": args.ingress,
         "images": len(images[0]),
         "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
                             "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}

@@ -8,6 +8,9 @@ Token authentication, which Ray 2.60 turns on by default, is set up explicitly: 
 random token to ``<state>/ray/auth_token`` (owner-only), and every worker and every driver
 (``search.pareto --ray-address``) must present the same token, from ``RAY_AUTH_TOKEN``,
 ``RAY_AUTH_TOKEN_PATH`` or that file. A node without it is refused (``InvalidAuthToken``).
+
+Every node starts with Ray Serve's HAProxy ingress (``search.ray_client.serve_ingress_env``), which the serving
+application needs to be fast; ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment keeps Serve's Python proxy.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline.distributed import accepts, interfaces, port_taken
-from search.ray_client import auth_env, parse_address, token_file
+from search.ray_client import auth_env, parse_address, serve_ingress_env, token_file
 
 from .state import (
     ServiceError,
@@ -82,7 +85,8 @@ def _launch(role: str, root: Path, cmd: list[str], env: dict[str, str], record: 
     log_path = root / "ray" / f"{role}.log"
     start_at = log_path.stat().st_size if log_path.exists() else 0
     proc = launch(cmd, log_path, root / "ray" / f"{role}.json", record,
-                  f"{role} start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}", {**os.environ, **env})
+                  f"{role} start at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}",
+                  {**serve_ingress_env(), **os.environ, **env})
 
     def started() -> bool:
         with open(log_path, errors="replace") as f:

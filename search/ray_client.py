@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline.distributed import accepts
+from pipeline.distributed import accepts, free_port
 from pipeline.signals import Terminated, raise_on_sigterm
 
 
@@ -39,6 +39,24 @@ def auth_env(root: Path | None = None) -> dict[str, str]:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"]}
     path = token_file(root or default_state_dir())
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)} if path.exists() else {}
+
+
+SERVE_INGRESSES = ("haproxy", "proxy")
+
+
+def serve_ingress_env(ingress: str = "haproxy", free_ports: bool = False) -> dict[str, str]:
+    """What a Ray node must start with for Ray Serve's HTTP ingress: ``haproxy`` routes requests from HAProxy straight
+    to the replicas, with Serve's throughput settings (Ray >= 2.56); ``proxy`` keeps Serve's Python proxy actor.
+
+    HAProxy's stats and Prometheus listeners bind every interface (Ray's template), on 8404 and 9101 unless
+    ``free_ports`` picks free ones, so that several local Rays can serve on one machine."""
+    if ingress not in SERVE_INGRESSES:
+        raise ValueError(f"the ingress must be one of {', '.join(SERVE_INGRESSES)}, got {ingress!r}.")
+    on = "1" if ingress == "haproxy" else "0"
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on}
+    if ingress == "haproxy" and free_ports:
+        env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+    return env
 
 
 def parse_address(address: str) -> tuple[str, int] | None:
