@@ -254,6 +254,11 @@ def table(results: dict[str, Any]) -> str:
              + ", ".join(f"{m} {100 * a:.1f} %" for m, a in results["pool_accuracy"].items()) + ".",
              f"Each cell: median over {reps} [lowest, highest]; every policy replays the same arrivals in a "
              "repeat, the policies in turns.", ""]
+    chosen = results.get("middle")
+    if chosen:
+        scores = ", ".join(f"{m} {100 * v:.1f} %" for m, v in chosen["scores"].items())
+        lines[-1:-1] = [f"The fixed middle mask was chosen by {chosen['chosen_by']}" + (f" ({scores})." if scores
+                                                                                         else ".")]
     for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
                   "|---|" + "---|" * (len(policies) + 1)]
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-repeats", type=int, default=5,
                    help="repeats of the bursty trace (its run-to-run noise is the largest)")
     p.add_argument("--images", type=int, default=360, help="validation images to cycle through")
+    p.add_argument("--middle", help="the fixed middle mask to compare (default: the best of up to three front masks "
+                                    "on a short bursty trace)")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="Ray Serve's HTTP ingress: HAProxy straight to the replicas (its stats and metrics "
                         "listeners bind every interface, on free ports), or Serve's Python proxy actor")
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     images = validation_images(args.data, args.images)
     weights, front = locate(None, None, model_uri, "cpu", tracking_uri)
     masks = [m["mask"] for m in json.loads(front.read_text())["front"]]
+    if args.middle and args.middle not in masks:
+        p.error(f"--middle {args.middle} is not on the front ({', '.join(masks)}).")
     n = len(masks[0])
     super_mask, base_mask = "F" * n, "T" * n
     accuracy = pool_accuracy(weights, front, images, list(dict.fromkeys([super_mask, *masks, base_mask])))
@@ -413,17 +422,19 @@ def main(argv: list[str] | None = None) -> int:
         answers = replay(url, loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images, slo)
         cost["engine_ms"] = statistics.median(a.latency_ms for a in answers if a.status == 200)
         host.remove("echo")
-        # The best fixed middle mask: of up to three middle masks of the front, the best expected effective accuracy
-        # on a short bursty trace.
+        # The best fixed middle mask: --middle, else of up to three middle masks of the front, the best expected
+        # effective accuracy on a short bursty trace.
         middle = [m for m in masks if m not in (super_mask, base_mask)]
         middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
+        if args.middle:
+            middle = [args.middle]
         scores = {}
         for mask in dict.fromkeys(middle):
             url = host.add(f"fixed {mask}", policy="fixed", mask=mask)
             arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
             scores[mask] = (loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo),
                                               mask_accuracy=accuracy)["expected_accuracy"],
-                            url)
+                            url) if not args.middle else (float("nan"), url)
         if scores:
             best = max(scores, key=lambda m: scores[m][0])
             urls[f"fixed {best}"] = scores[best][1]
@@ -463,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         "pool_accuracy": accuracy,
         "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
         "burst_repeats": args.burst_repeats, "ingress": args.ingress,
+        "middle": {"chosen_by": "--middle" if args.middle else "a 40 s bursty trace, expected effective accuracy",
+                   "scores": {m: s for m, (s, _) in scores.items() if not args.middle}},
         "images": len(images[0]),
         "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
                             "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}

@@ -282,6 +282,8 @@ def test_a_search_spreads_its_evaluation_over_a_two_node_ray_cluster(trained_che
         assert done.returncode == 0, done.stdout + done.stderr
         pids.append(read_record(head_state / "ray" / "head.json")["pid"])
         assert f"Ray head at {ips[0]}:{port}" in done.stdout
+        # Ray Serve on this cluster gets the HAProxy ingress (serving's fast path).
+        assert b"RAY_SERVE_ENABLE_HA_PROXY=1" in Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
         token = head_state / "ray" / "auth_token"
         assert token.stat().st_mode & 0o077 == 0  # owner-only
 
