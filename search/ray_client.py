@@ -1,4 +1,5 @@
-"""Joining the Ray cluster a search runs on: its address, its token, and ``ray.init`` with our signal handling.
+"""Joining the Ray cluster a search or a server runs on: its address, its token, Ray Serve's ingress, and
+``ray.init`` with our signal handling.
 
 The head (``make ray-head``, ``cluster/ray_node.py``) keeps its token in ``<state>/ray/auth_token``; a
 driver presents the same token, from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or that file.
