@@ -40,6 +40,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 from pipeline.data.loader import IMAGE_FIELDS  # noqa: E402
 from pipeline.data.manifest import read_manifest  # noqa: E402
 from pipeline.distributed import free_port  # noqa: E402
+from search.ray_client import SERVE_INGRESSES, serve_ingress_env  # noqa: E402
 from serving import loadgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,19 +247,17 @@ def runs_of(results: dict[str, Any]) -> list[str]:
 def table(results: dict[str, Any]) -> str:
     policies = list(results["policies"])
     cap = results["capacity"]
-    reps = f"{results['repeats']} repeats ({results.get('burst_repeats', results['repeats'])} for the bursty trace)"
-    lines = [f"Ray Serve ingress: {results.get('ingress', 'proxy')}.",
+    reps = f"{results['repeats']} repeats ({results['burst_repeats']} for the bursty trace)"
+    scores = ", ".join(f"{m} {100 * v:.1f} %" for m, v in results["middle"]["scores"].items())
+    lines = [f"Ray Serve ingress: {results['ingress']}.",
              f"Capacity (99 % within {results['slo_ms']:g} ms): FF..F {cap['super']:.1f}/s, "
              f"TT..T {cap['base']:.1f}/s ({cap['base'] / cap['super']:.2f} x). Loads are multiples of FF..F's.",
              f"Top-1 of each mask over the {results['images']} pool images: "
              + ", ".join(f"{m} {100 * a:.1f} %" for m, a in results["pool_accuracy"].items()) + ".",
              f"Each cell: median over {reps} [lowest, highest]; every policy replays the same arrivals in a "
-             "repeat, the policies in turns.", ""]
-    chosen = results.get("middle")
-    if chosen:
-        scores = ", ".join(f"{m} {100 * v:.1f} %" for m, v in chosen["scores"].items())
-        lines[-1:-1] = [f"The fixed middle mask was chosen by {chosen['chosen_by']}" + (f" ({scores})." if scores
-                                                                                         else ".")]
+             "repeat, the policies in turns.",
+             f"The fixed middle mask was chosen by {results['middle']['chosen_by']}"
+             + (f" ({scores})." if scores else "."), ""]
     for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
                   "|---|" + "---|" * (len(policies) + 1)]
@@ -372,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=360, help="validation images to cycle through")
     p.add_argument("--middle", help="the fixed middle mask to compare (default: the best of up to three front masks "
                                     "on a short bursty trace)")
-    p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
+    p.add_argument("--ingress", default="haproxy", choices=SERVE_INGRESSES,
                    help="Ray Serve's HTTP ingress: HAProxy straight to the replicas (its stats and metrics "
                         "listeners bind every interface, on free ports), or Serve's Python proxy actor")
     p.add_argument("--out", default="docs/serving", help="where serving.json, .md and .png go")
@@ -380,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeats, args.burst_repeats) < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
         p.error("--repeats, --burst-repeats, --seconds and --burst-seconds must be positive.")
     from pipeline.tracking import resolve_tracking_uri
-    from search.ray_client import serve_ingress_env
     from serving.model import locate
 
     os.environ.update(serve_ingress_env(args.ingress, free_ports=True))  # before the local Ray starts
@@ -426,21 +424,19 @@ def main(argv: list[str] | None = None) -> int:
         # effective accuracy on a short bursty trace.
         middle = [m for m in masks if m not in (super_mask, base_mask)]
         middle = [middle[round(i)] for i in np.linspace(0, len(middle) - 1, min(3, len(middle)))] if middle else []
-        if args.middle:
-            middle = [args.middle]
         scores = {}
-        for mask in dict.fromkeys(middle):
-            url = host.add(f"fixed {mask}", policy="fixed", mask=mask)
-            arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
-            scores[mask] = (loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo),
-                                              mask_accuracy=accuracy)["expected_accuracy"],
-                            url) if not args.middle else (float("nan"), url)
-        if scores:
-            best = max(scores, key=lambda m: scores[m][0])
-            urls[f"fixed {best}"] = scores[best][1]
-            for mask in scores:
-                if mask != best:
-                    host.remove(f"fixed {mask}")
+        if args.middle:
+            urls[f"fixed {args.middle}"] = host.add(f"fixed {args.middle}", policy="fixed", mask=args.middle)
+        else:
+            for mask in dict.fromkeys(middle):
+                url = host.add(f"fixed {mask}", policy="fixed", mask=mask)
+                arrivals = loadgen.phases(bursty(caps["super"], 40.0, args.period_s), np.random.default_rng(4))
+                scores[mask] = loadgen.summarize(replay(url, arrivals, shuffled(images, 4), slo),
+                                                 mask_accuracy=accuracy)["expected_accuracy"]
+                urls[f"fixed {mask}"] = url
+            for mask in sorted(scores, key=scores.get)[:-1]:  # all but the best
+                host.remove(f"fixed {mask}")
+                del urls[f"fixed {mask}"]
         urls["adaptive"] = host.add("adaptive", policy="deadline")
         progress("applications up")
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in urls}
@@ -475,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": cost, "latency_model": info["latency_model"], "repeats": args.repeats,
         "burst_repeats": args.burst_repeats, "ingress": args.ingress,
         "middle": {"chosen_by": "--middle" if args.middle else "a 40 s bursty trace, expected effective accuracy",
-                   "scores": {m: s for m, (s, _) in scores.items() if not args.middle}},
+                   "scores": scores},
         "images": len(images[0]),
         "policies": {name: {"policy": settings[name], "runs": runs[name], "trace": traces[name],
                             "median": {run: combine(s) for run, s in runs[name].items()}} for name in urls}}

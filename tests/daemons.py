@@ -21,6 +21,18 @@ import pytest
 from pipeline.distributed import free_port
 
 
+def listening_on(port: int) -> list[str]:
+    """The local addresses of the TCP sockets listening on ``port``, as /proc/net/tcp and tcp6 write them
+    (127.0.0.1 is 0100007F; every interface would be 00000000, or zeros in tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                found.append(local.rsplit(":", 1)[0])
+    return found
+
+
 def require(*programs: str) -> None:
     missing = [p for p in programs if shutil.which(p) is None]
     if missing:

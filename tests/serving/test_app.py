@@ -32,9 +32,18 @@ from serving import loadgen
 from serving.__main__ import main as serving_main
 
 from ..conftest import ROOT, train_env
+from ..daemons import listening_on
 from .conftest import FRONT, Server, encoded_images, make_checkpoint, start_server, stop_server
 
 pytestmark = pytest.mark.slow
+
+
+def direct_top5(model: torch.nn.Module, data: dict, body: bytes, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-5 probabilities and classes of a direct ``model(x, skip=mask)`` call on one encoded image, with the
+    loader's validation transforms."""
+    x = Normalize(data, train=False)(val_transform(data)(decode_image(body)).unsqueeze(0))
+    with torch.inference_mode():
+        return torch.softmax(model(x, skip=mask), dim=1)[0].topk(5)
 
 
 def test_every_answer_equals_a_direct_call_under_the_mask_it_reports(server: Server, checkpoint: Path) -> None:
@@ -55,10 +64,7 @@ def test_every_answer_equals_a_direct_call_under_the_mask_it_reports(server: Ser
                 assert answer.json()["reason"] == "deadline unreachable"
                 continue
             got = answer.json()
-            x = Normalize(data, train=False)(val_transform(data)(decode_image(body)).unsqueeze(0))
-            with torch.inference_mode():
-                probs = torch.softmax(model(x, skip=got["mask"]), dim=1)[0]
-            values, indices = probs.topk(5)
+            values, indices = direct_top5(model, data, body, got["mask"])
             assert [c["class"] for c in got["top5"]] == indices.tolist()
             assert [c["name"] for c in got["top5"]] == [meta["classes"][i] for i in indices.tolist()]
             np.testing.assert_allclose([c["prob"] for c in got["top5"]], values.numpy(), atol=1e-5)
@@ -142,10 +148,11 @@ def test_a_replica_killed_with_sigkill_is_replaced(server: Server) -> None:
 def test_prometheus_metrics_count_requests_per_mask_and_outcome(server: Server) -> None:
     for body in encoded_images(3, seed=7):
         assert server.post(body, 2000).status_code == 200
-    deadline = time.monotonic() + 30  # the line comes once serve.run returns, maybe after the first answers
-    while not (found := re.search(r"Prometheus metrics .*: (http://127\.0\.0\.1:(\d+)/metrics)",
-                                  server.log.read_text())) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    def printed() -> re.Match[str] | None:
+        return re.search(r"Prometheus metrics .*: (http://127\.0\.0\.1:(\d+)/metrics)", server.log.read_text())
+
+    wait_until(lambda: printed() is not None, 30, interval_s=0.5)  # printed once serve.run returns
+    found = printed()
     assert found and int(found.group(2)) == server.metrics_port, server.log.read_text()[-2000:]
     deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds, what it has by then
     while True:
@@ -204,32 +211,19 @@ def in_session(sid: int) -> list[int]:
     return found
 
 
-def listening_on(port: int) -> set[str]:
-    """The IPv4 addresses a TCP socket listens on at ``port`` (from /proc/net/tcp)."""
-    found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)))
-    return found
-
-
 def test_the_haproxy_ingress_answers_as_a_direct_call_on_127_0_0_1_and_leaves_no_process(checkpoint: Path) -> None:
     model, meta = load_trained(checkpoint)
     data = meta["recipe"]["data"]
     served = start_server(checkpoint, "--ingress", "haproxy", "--policy", "fixed", "--mask", "TTFF", "--slo-ms",
                           "5000", state=checkpoint / "haproxy")
     try:
-        assert listening_on(int(served.url.rsplit(":", 1)[1])) == {"127.0.0.1"}
+        assert listening_on(int(served.url.rsplit(":", 1)[1])) == ["0100007F"]  # 127.0.0.1 only
         assert requests.get(f"{served.url}/-/healthz", timeout=10).status_code == 200
         for body in encoded_images(3, seed=7):
             answer = served.post(body)
             assert answer.status_code == 200, answer.text
             got = answer.json()
-            x = Normalize(data, train=False)(val_transform(data)(decode_image(body)).unsqueeze(0))
-            with torch.inference_mode():
-                values, indices = torch.softmax(model(x, skip="TTFF"), dim=1)[0].topk(5)
+            values, indices = direct_top5(model, data, body, "TTFF")
             assert got["mask"] == "TTFF" and [c["class"] for c in got["top5"]] == indices.tolist()
             np.testing.assert_allclose([c["prob"] for c in got["top5"]], values.numpy(), atol=1e-5)
     finally:
