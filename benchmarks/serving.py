@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
@@ -125,6 +126,42 @@ def echo() -> Any:
             return {"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}
 
     return Echo.bind()
+
+
+BARE_SERVER = """
+import sys, uvicorn
+ANSWER = b'{"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}'
+async def app(scope, receive, send):
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": ANSWER})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off", log_level="warning")
+"""
+
+
+def http_floor(arrivals: list[float], images: tuple[list[bytes], list[int]], slo_ms: float) -> float:
+    """Median latency of ``arrivals`` to a bare ASGI server (uvicorn, as Serve's replicas run, in its own process)
+    that reads the body and answers: the client's and HTTP's own cost, which no server can go below."""
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.post(f"http://127.0.0.1:{port}/", data=b"x", timeout=1)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the bare HTTP server did not start within 30 s.") from None
+                time.sleep(0.1)
+        answers = loadgen.replay(f"http://127.0.0.1:{port}/", arrivals, *images, slo_ms, timeout_s=30)
+        return statistics.median(a.latency_ms for a in answers if a.status == 200)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def pool_accuracy(weights: Path, front: Path, images: tuple[list[bytes], list[int]],
@@ -287,7 +324,9 @@ def table(results: dict[str, Any]) -> str:
               f"batch's start {o['queue_ms']:.2f} ms (HTTP to the proxy, Ray Serve to the replica, decode, batch "
               f"formation, policy), the answer's way back {o['hops_ms']:.2f} ms. The same arrivals to an application "
               f"that only reads the body and answers (Ray Serve's own path): {o['engine_ms']:.2f} ms; so this "
-              f"application adds {o['total_ms'] - o['engine_ms']:.2f} ms to Ray Serve's."]
+              f"application adds {o['total_ms'] - o['engine_ms']:.2f} ms to Ray Serve's. To a bare uvicorn server "
+              f"that does the same in its own process (the client's and HTTP's cost): {o['floor_ms']:.2f} ms; so "
+              f"Ray Serve's routing adds {o['engine_ms'] - o['floor_ms']:.2f} ms to it."]
     return "\n".join(lines) + "\n"
 
 
@@ -420,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         answers = replay(url, loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images, slo)
         cost["engine_ms"] = statistics.median(a.latency_ms for a in answers if a.status == 200)
         host.remove("echo")
+        cost["floor_ms"] = http_floor(loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images,
+                                      slo)
         # The best fixed middle mask: --middle, else of up to three middle masks of the front, the best expected
         # effective accuracy on a short bursty trace.
         middle = [m for m in masks if m not in (super_mask, base_mask)]

@@ -132,10 +132,15 @@ class ADNServer:
             self._idle.set()
         try:
             # @serve.batch forms a batch as soon as a request arrives, even while the model is busy: the requests
-            # wait here instead, and all that came during a batch enter the next one together.
+            # wait here instead, and all that came during a batch enter the next one together. A request alone at
+            # an idle replica runs at once, without the batch queue's hop to its own task (unless told to wait
+            # for company with --batch-wait-ms).
             while not self._idle.is_set():
                 await self._idle.wait()
-            out: Outcome = await self._run_batch(pending)
+            if len(self._waiting) == 1 and not self.settings.batch_wait_ms:
+                out: Outcome = (await self._run_now([pending]))[0]
+            else:
+                out = await self._run_batch(pending)
         finally:
             self._waiting.pop(id(pending), None)
         timing = {"mask": out.mask, "batch_size": out.batch_size, "queue_ms": round(out.queue_ms, 3),
@@ -148,6 +153,9 @@ class ADNServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _run_batch(self, items: list[Pending]) -> list[Outcome]:
+        return await self._run_now(items)
+
+    async def _run_now(self, items: list[Pending]) -> list[Outcome]:
         self._idle.clear()
         try:
             return await self._decide_and_run(items)

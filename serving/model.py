@@ -143,7 +143,8 @@ class ServedModel:
         """Milliseconds per batch of every servable mask at batch sizes 1, 2, 4, ... up to ``max_batch``.
 
         Sizes go up while the time budget lasts; batch size 1 is always measured. Each figure is the
-        median of ``repeats`` timed runs after one warm-up run.
+        median of ``repeats`` timed runs after one warm-up run; the masks take turns within each repeat, so
+        that a machine slowing down or speeding up meanwhile does not reorder masks of nearly equal time.
         """
         sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         table: dict[str, dict[int, float]] = {m: {} for m in self.masks}
@@ -152,12 +153,14 @@ class ServedModel:
             if size > 1 and time.perf_counter() - start > budget_s:
                 break
             x = torch.randint(0, 256, (size, 3, self.resolution, self.resolution), dtype=torch.uint8)
+            runs: dict[str, list[float]] = {mask: [] for mask in self.masks}
             for mask in self.masks:
                 self.probabilities(x, mask)
-                runs = []
-                for _ in range(repeats):
+            for _ in range(repeats):
+                for mask in self.masks:
                     t = time.perf_counter()
                     self.probabilities(x, mask)
-                    runs.append((time.perf_counter() - t) * 1e3)
-                table[mask][size] = statistics.median(runs)
+                    runs[mask].append((time.perf_counter() - t) * 1e3)
+            for mask, times in runs.items():
+                table[mask][size] = statistics.median(times)
         return LatencyModel(table)
