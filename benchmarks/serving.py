@@ -143,8 +143,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off", log_le
 
 def http_floor(arrivals: list[float], images: tuple[list[bytes], list[int]], slo_ms: float) -> float:
     """Median latency of ``arrivals`` to a bare ASGI server (uvicorn, as Serve's replicas run, in its own process)
-    that reads the body and answers: the client's and HTTP's own cost, which no server can go below."""
-
+    that reads the body and answers: the cost of this client and of HTTP alone, below which no server answers it."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
     try:

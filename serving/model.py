@@ -144,7 +144,7 @@ class ServedModel:
 
         Sizes go up while the time budget lasts; batch size 1 is always measured. Each figure is the
         median of ``repeats`` timed runs after one warm-up run; the masks take turns within each repeat, so
-        that a machine slowing down or speeding up meanwhile does not reorder masks of nearly equal time.
+        that the machine slowing down or speeding up meanwhile falls on all of them alike.
         """
         sizes = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
         table: dict[str, dict[int, float]] = {m: {} for m in self.masks}
