@@ -38,9 +38,10 @@ from tqdm import tqdm
 # Run as a script, this file's directory is first on sys.path, and this file's name would hide the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from cluster.state import wait_until  # noqa: E402
 from pipeline.data.loader import IMAGE_FIELDS  # noqa: E402
 from pipeline.data.manifest import read_manifest  # noqa: E402
-from pipeline.distributed import free_port  # noqa: E402
+from pipeline.distributed import accepts, free_port  # noqa: E402
 from search.ray_client import SERVE_INGRESSES, serve_ingress_env  # noqa: E402
 from serving import loadgen  # noqa: E402
 
@@ -114,6 +115,9 @@ class Host:
         ray.shutdown()
 
 
+ECHO_ANSWER = {"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}
+
+
 def echo() -> Any:
     """A Ray Serve application that reads the body and answers a JSON of the ADN's shape, and does nothing else:
     what Ray Serve's own path (HTTP proxy, the hop to a replica and back) costs on this machine."""
@@ -123,14 +127,14 @@ def echo() -> Any:
     class Echo:
         async def __call__(self, request: Any) -> dict[str, Any]:
             await request.body()
-            return {"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}
+            return ECHO_ANSWER
 
     return Echo.bind()
 
 
 BARE_SERVER = """
 import sys, uvicorn
-ANSWER = b'{"mask": "", "batch_size": 1, "queue_ms": 0.0, "service_ms": 0.0, "top5": [{"class": -1}]}'
+ANSWER = sys.argv[2].encode()
 async def app(scope, receive, send):
     more = True
     while more:
@@ -145,17 +149,10 @@ def http_floor(arrivals: list[float], images: tuple[list[bytes], list[int]], slo
     """Median latency of ``arrivals`` to a bare ASGI server (uvicorn, as Serve's replicas run, in its own process)
     that reads the body and answers: the cost of this client and of HTTP alone, below which no server answers it."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
+    server = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port), json.dumps(ECHO_ANSWER)])
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.post(f"http://127.0.0.1:{port}/", data=b"x", timeout=1)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the bare HTTP server did not start within 30 s.") from None
-                time.sleep(0.1)
+        if not wait_until(lambda: accepts("127.0.0.1", port), 30, 0.1, alive=lambda: server.poll() is None):
+            raise RuntimeError("the bare HTTP server did not start within 30 s.")
         answers = loadgen.replay(f"http://127.0.0.1:{port}/", arrivals, *images, slo_ms, timeout_s=30)
         return statistics.median(a.latency_ms for a in answers if a.status == 200)
     finally:
@@ -450,16 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         for key, mask in (("super", super_mask), ("base", base_mask)):
             caps[key] = capacity(urls[f"fixed {mask}"], images, slo, seconds=8.0, start_rate=8.0, steps=4)
             progress(f"capacity of {mask}: {caps[key]:.1f}/s")
-        answers = replay(urls[f"fixed {super_mask}"], loadgen.poisson(0.1 * caps["super"], 20.0,
-                                                                      np.random.default_rng(3)), images, slo)
+        calm = loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3))  # one set of arrivals for all
+        answers = replay(urls[f"fixed {super_mask}"], calm, images, slo)
         cost = {**overhead(answers), "requests": len(answers)}
         # The same arrivals to an application that only reads the body and answers: Ray Serve's own cost.
         url = host.run("echo", echo())
-        answers = replay(url, loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images, slo)
+        answers = replay(url, calm, images, slo)
         cost["engine_ms"] = statistics.median(a.latency_ms for a in answers if a.status == 200)
         host.remove("echo")
-        cost["floor_ms"] = http_floor(loadgen.poisson(0.1 * caps["super"], 20.0, np.random.default_rng(3)), images,
-                                      slo)
+        cost["floor_ms"] = http_floor(calm, images, slo)
         # The best fixed middle mask: --middle, else of up to three middle masks of the front, the best expected
         # effective accuracy on a short bursty trace.
         middle = [m for m in masks if m not in (super_mask, base_mask)]
