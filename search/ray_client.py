@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import sys
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline.distributed import accepts, free_port
+from pipeline.distributed import accepts, free_port, port_taken
 from pipeline.signals import Terminated, raise_on_sigterm
 
 
@@ -56,8 +57,22 @@ def serve_ingress_env(ingress: str = "haproxy", free_ports: bool = False) -> dic
     on = "1" if ingress == "haproxy" else "0"
     env = {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on}
     if ingress == "haproxy" and free_ports:
-        env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+        stats = quiet_port()
+        env |= {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(quiet_port(stats))}
     return env
+
+
+QUIET_PORTS = range(20000, 32768)  # above Ray's worker ports (10002-19999), below Linux's usual ephemeral range
+
+
+def quiet_port(*taken: int) -> int:
+    """A port free on every interface now and out of the ranges the processes Ray starts pick theirs from, so that
+    it is still free when a listener binds it later (a ``free_port`` from the ephemeral range may be gone by then)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(QUIET_PORTS, 64):
+        if port < low and port not in taken and not port_taken("0.0.0.0", port):
+            return port
+    return free_port()
 
 
 def parse_address(address: str) -> tuple[str, int] | None:

@@ -1,17 +1,21 @@
-"""Joining Ray with our signal handling: a SIGTERM during ``ray.init`` waits until init has returned."""
+"""Joining Ray with our signal handling: a SIGTERM during ``ray.init`` waits until init has returned; the ports of
+Ray Serve's HAProxy ingress."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from pipeline.distributed import port_taken
 from pipeline.signals import Terminated
-from search.ray_client import _sigterm_held
+from search.ray_client import QUIET_PORTS, _sigterm_held, quiet_port, serve_ingress_env
 
 
 @pytest.fixture
@@ -69,3 +73,19 @@ def test_an_unreadable_shard_behind_a_ray_error_is_the_sentence_training_gives()
     assert str(shard_error(wrapped)) == sentence
     assert str(shard_error(RuntimeError(f"the Ray Tune search stopped: {wrapped}"))) == sentence
     assert shard_error(RuntimeError("something else")) is None
+
+
+def test_the_haproxy_ingress_gets_two_ports_that_ray_and_the_kernel_do_not_hand_out() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert serve_ingress_env("proxy", free_ports=True) == {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                                           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    env = serve_ingress_env("haproxy", free_ports=True)
+    ports = [int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])]
+    assert ports[0] != ports[1]
+    for port in ports:
+        assert port in QUIET_PORTS and port < low and not port_taken("0.0.0.0", port)
+    # A port someone listens on is never given.
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", ports[0]))
+        s.listen()
+        assert all(quiet_port() != ports[0] for _ in range(50))
