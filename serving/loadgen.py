@@ -16,7 +16,8 @@ import numpy as np
 
 @dataclass
 class Answer:
-    """One request as the client saw it; latency runs from its scheduled send time."""
+    """One request as the client saw it; latency runs from its scheduled send time, ``send_late_ms`` after which
+    the client's event loop actually sent it."""
 
     at_s: float
     latency_ms: float
@@ -28,6 +29,7 @@ class Answer:
     queue_ms: float = 0.0
     service_ms: float = 0.0
     predicted: int = -1
+    send_late_ms: float = 0.0
 
     @property
     def in_time(self) -> bool:
@@ -79,6 +81,7 @@ async def _replay(url: str, arrivals: Sequence[float], bodies: Sequence[bytes], 
             # The deadline counts from the scheduled send time (X-Request-Start), as an open-loop client's does.
             headers = {"X-Deadline-Ms": f"{deadline_ms:g}",
                        "X-Request-Start": f"t={time.time() - (time.perf_counter() - scheduled):.6f}"}
+            answer.send_late_ms = (time.perf_counter() - scheduled) * 1e3
             try:
                 async with session.post(url, data=body, headers=headers) as r:
                     answer.status = r.status

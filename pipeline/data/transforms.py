@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "autoaugment")
 
@@ -76,13 +77,24 @@ def train_transform(data: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     return v2.Compose(steps)
 
 
-def val_transform(data: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """PIL image -> uint8 CHW tensor: resize the short side, center crop (``Normalize`` follows per batch)."""
-    return v2.Compose([
-        v2.Resize(data["val_resize"], interpolation=_interpolation(data), antialias=True),
-        v2.CenterCrop(data["val_crop"]),
-        v2.PILToTensor(),
-    ])
+class ValTransform:
+    """PIL image -> uint8 CHW tensor: resize the short side, center crop (``Normalize`` follows per batch).
+
+    The same kernels as ``v2.Compose([v2.Resize, v2.CenterCrop, v2.PILToTensor])``, called directly: the pixels are
+    identical, without the per-call dispatch of ``v2.Transform`` (a third of the time of a small image).
+    """
+
+    def __init__(self, resize: int, crop: int, interpolation: InterpolationMode) -> None:
+        self.resize, self.crop, self.interpolation = [int(resize)], [int(crop)], interpolation
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        image = F.resize(image, self.resize, interpolation=self.interpolation, antialias=True)
+        return F.pil_to_tensor(F.center_crop(image, self.crop))
+
+
+def val_transform(data: dict[str, Any]) -> ValTransform:
+    """The recipe's validation transform (``ValTransform``)."""
+    return ValTransform(data["val_resize"], data["val_crop"], _interpolation(data))
 
 
 def batch_transform(data: dict[str, Any], num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], Any] | None:

@@ -142,6 +142,26 @@ def test_batch_normalize_equals_torchvisions_per_image_steps():
     torch.testing.assert_close(batched, per_image, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", ["resnet_mini", "resnet50", "swin_t"])
+def test_validation_transform_gives_the_pixels_of_torchvisions_v2_compose(recipe):
+    from torchvision.transforms import v2
+
+    from pipeline.data.transforms import _interpolation, val_transform
+    from pipeline.recipes import load_recipe
+
+    data = load_recipe(recipe)["data"]
+    reference = v2.Compose([v2.Resize(data["val_resize"], interpolation=_interpolation(data), antialias=True),
+                            v2.CenterCrop(data["val_crop"]), v2.PILToTensor()])
+    generator = torch.Generator().manual_seed(0)
+    # Landscape, portrait, square, smaller than the crop (padded), odd sizes; RGB and grey.
+    for h, w in [(300, 400), (401, 257), (224, 224), (17, 9), (1, 640)]:
+        for mode in ("RGB", "L"):
+            image = Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
+                                    .numpy()).convert(mode)
+            ours, theirs = val_transform(data)(image), reference(image)
+            assert ours.dtype == torch.uint8 and torch.equal(ours, theirs), (recipe, h, w, mode)
+
+
 def test_jpeg_decoding_matches_pillow_pixel_for_pixel():
     import numpy as np
     from sklearn.datasets import load_sample_image
