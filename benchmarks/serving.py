@@ -13,7 +13,10 @@ replaying the same arrivals in turns. Figures per run: deadline attainment (answ
 effective accuracy (answered correctly within the deadline / sent), its expected value (each answer in time scores
 its mask's top-1 over the image pool: the same choices without the noise of which images a short run sent), p50/p99
 latency, goodput and the mix of masks, as medians over the repeats with their range, and the paired difference of
-the adaptive policy against the best fixed one. Writes
+the adaptive policy against the best fixed one. At 0.1 x capacity, the server's own cost over the model's time,
+counted from the moment the client sent each request (its event loop sends about a millisecond after the scheduled
+time, which latencies and deadlines count but the server did not cause), split into the client and HTTP (a bare
+uvicorn server), Ray Serve's routing (an application that only answers) and this application. Writes
 serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the registered model
 version it served (the checkpoint is registered first unless --model-uri says).
 """
