@@ -77,11 +77,10 @@ async def _replay(url: str, arrivals: Sequence[float], bodies: Sequence[bytes], 
             scheduled = start + arrivals[i]
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             body, label = bodies[i % len(bodies)], labels[i % len(labels)]
-            answer = Answer(arrivals[i], 0.0, 0, label, deadline_ms)
+            late_s = time.perf_counter() - scheduled
+            answer = Answer(arrivals[i], 0.0, 0, label, deadline_ms, send_late_ms=late_s * 1e3)
             # The deadline counts from the scheduled send time (X-Request-Start), as an open-loop client's does.
-            headers = {"X-Deadline-Ms": f"{deadline_ms:g}",
-                       "X-Request-Start": f"t={time.time() - (time.perf_counter() - scheduled):.6f}"}
-            answer.send_late_ms = (time.perf_counter() - scheduled) * 1e3
+            headers = {"X-Deadline-Ms": f"{deadline_ms:g}", "X-Request-Start": f"t={time.time() - late_s:.6f}"}
             try:
                 async with session.post(url, data=body, headers=headers) as r:
                     answer.status = r.status
