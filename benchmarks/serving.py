@@ -9,7 +9,8 @@ TT..T, the best fixed middle mask of the front, the adaptive deadline policy), e
 capacity of fixed FF..F and of fixed TT..T (the highest rate at which 99 % meet the deadline, by bisection); then,
 in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F, and in each of
 --burst-repeats rounds a bursty trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy
-replaying the same arrivals in turns. Figures per run: deadline attainment (answered within the deadline / sent),
+replaying the same arrivals in turns; the bursty trace is also scored apart over the requests sent in its calm
+phases and over those sent in its bursts. Figures per run: deadline attainment (answered within the deadline / sent),
 effective accuracy (answered correctly within the deadline / sent), its expected value (each answer in time scores
 its mask's top-1 over the image pool: the same choices without the noise of which images a short run sent), p50/p99
 latency, goodput and the mix of masks, as medians over the repeats with their range, and the paired difference of
@@ -50,6 +51,7 @@ from serving import loadgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
+BURSTY = ("bursty", "bursty/calm", "bursty/burst")  # the whole trace, and its calm phases and bursts apart
 SCORES = {"attainment": "Deadline attainment (%)", "effective_accuracy": "Effective accuracy (%)",
           "expected_accuracy": "Expected effective accuracy (%, each answer in time scores its mask's top-1 on the "
                                "pool)"}
@@ -283,7 +285,8 @@ def paired(results: dict[str, Any], run: str, key: str) -> dict[str, float]:
 
 
 def runs_of(results: dict[str, Any]) -> list[str]:
-    return [*(f"{x:g}x" for x in LOADS), "bursty"]
+    present = results["policies"]["adaptive"]["runs"]
+    return [run for run in (*(f"{x:g}x" for x in LOADS), *BURSTY) if run in present]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -299,7 +302,9 @@ def table(results: dict[str, Any]) -> str:
              f"Each cell: median over {reps} [lowest, highest]; every policy replays the same arrivals in a "
              "repeat, the policies in turns.",
              f"The fixed middle mask was chosen by {results['middle']['chosen_by']}"
-             + (f" ({scores})." if scores else "."), ""]
+             + (f" ({scores})." if scores else "."),
+             "bursty/calm and bursty/burst score the bursty trace's requests sent in its calm phases (0.5 x) and "
+             "in its bursts (2.5 x) apart.", ""]
     for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
                   "|---|" + "---|" * (len(policies) + 1)]
@@ -499,12 +504,16 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"repeat {r + 1}, {x:g} x")
             if r >= args.burst_repeats:
                 continue
-            arrivals = loadgen.phases(bursty(caps["super"], args.burst_seconds, args.period_s),
-                                      np.random.default_rng(1000 + r))
+            trace = bursty(caps["super"], args.burst_seconds, args.period_s)
+            arrivals = loadgen.phases(trace, np.random.default_rng(1000 + r))
             order = shuffled(images, 1000 + r)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 answers = replay(urls[name], arrivals, order, slo)
                 runs[name].setdefault("bursty", []).append(loadgen.summarize(answers, args.burst_seconds, accuracy))
+                for rate, (sent, seconds) in loadgen.by_rate(answers, trace).items():
+                    if sent:
+                        part = "bursty/calm" if rate < caps["super"] else "bursty/burst"
+                        runs[name].setdefault(part, []).append(loadgen.summarize(sent, seconds, accuracy))
                 if r == 0:
                     traces[name] = trace_bins(answers, 1.0)
             progress(f"repeat {r + 1}, bursty")

@@ -63,6 +63,20 @@ def phases(rates: Sequence[tuple[float, float]], rng: np.random.Generator) -> li
     return out
 
 
+def by_rate(answers: Sequence[Answer], rates: Sequence[tuple[float, float]]) -> dict[float, tuple[list[Answer], float]]:
+    """The answers of a ``phases`` replay grouped by the rate of the phase each was sent in: for each rate, its
+    answers and the seconds its phases lasted together."""
+    groups: dict[float, tuple[list[Answer], float]] = {}
+    bounds = np.cumsum([seconds for _, seconds in rates])
+    for rate, seconds in rates:
+        got, total = groups.get(rate, ([], 0.0))
+        groups[rate] = (got, total + seconds)
+    for a in answers:
+        k = min(int(np.searchsorted(bounds, a.at_s, side="right")), len(rates) - 1)
+        groups[rates[k][0]][0].append(a)
+    return groups
+
+
 async def _replay(url: str, arrivals: Sequence[float], bodies: Sequence[bytes], labels: Sequence[int],
                   deadline_ms: float, timeout_s: float, max_in_flight: int) -> list[Answer]:
     import aiohttp

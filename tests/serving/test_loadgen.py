@@ -24,6 +24,22 @@ def test_phases_follow_their_rates_one_after_the_other() -> None:
     assert ((arrivals >= 50) & (arrivals < 70)).sum() == pytest.approx(2000, rel=0.1)
 
 
+def test_answers_fall_into_the_phase_they_were_sent_in() -> None:
+    rates = [(2.0, 10.0), (20.0, 5.0), (2.0, 10.0), (20.0, 5.0)]
+    arrivals = loadgen.phases(rates, np.random.default_rng(2))
+    answers = [loadgen.Answer(t, 1.0, 200, 0, 50.0) for t in arrivals]
+    groups = loadgen.by_rate(answers, rates)
+    assert sorted(groups) == [2.0, 20.0]
+    assert [seconds for _, seconds in groups.values()] == [20.0, 10.0]
+    calm, burst = ([a.at_s for a in groups[r][0]] for r in (2.0, 20.0))
+    assert len(calm) + len(burst) == len(arrivals)
+    assert all(t < 10 or 15 <= t < 25 for t in calm) and all(10 <= t < 15 or t >= 25 for t in burst)
+    assert len(burst) / 10.0 == pytest.approx(20.0, rel=0.2)
+    # A boundary belongs to the phase that starts there.
+    edge = loadgen.by_rate([loadgen.Answer(10.0, 1.0, 200, 0, 50.0)], rates)
+    assert len(edge[20.0][0]) == 1 and not edge[2.0][0]
+
+
 def test_attainment_and_effective_accuracy_count_every_request_sent() -> None:
     a = loadgen.Answer
     answers = [a(0.0, 10.0, 200, 3, 50.0, "FFFF", predicted=3),  # in time, right
