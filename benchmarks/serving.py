@@ -4,22 +4,22 @@ Repeat with:  .venv/bin/python benchmarks/serving.py --checkpoint runs/bench/res
 (the checkpoint and its front: docs/serving/README.md)
 
 Open-loop traffic (arrival times fixed in advance) from an asynchronous HTTP client on 127.0.0.1, with the
-validation images and their labels. One local Ray Serve holds one application per policy (fixed FF..F, fixed
-TT..T, the best fixed middle mask of the front, the adaptive deadline policy), each under its own route. First the
-capacity of fixed FF..F and of fixed TT..T (the highest rate at which 99 % meet the deadline, by bisection); then,
-in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the capacity of FF..F, and in each of
---burst-repeats rounds a bursty trace (phases alternating between 0.5 x and 2.5 x that capacity), every policy
-replaying the same arrivals in turns; the bursty trace is also scored apart over the requests sent in its calm
-phases and over those sent in its bursts. Figures per run: deadline attainment (answered within the deadline / sent),
-effective accuracy (answered correctly within the deadline / sent), its expected value (each answer in time scores
-its mask's top-1 over the image pool: the same choices without the noise of which images a short run sent), p50/p99
-latency, goodput and the mix of masks, as medians over the repeats with their range, and the paired difference of
-the adaptive policy against the best fixed one. At 0.1 x capacity, the server's own cost over the model's time,
-counted from the moment the client sent each request (its event loop sends about a millisecond after the scheduled
-time, which latencies and deadlines count but the server did not cause), split into the client and HTTP (a bare
-uvicorn server), Ray Serve's routing (an application that only answers) and this application. Writes
-serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the registered model
-version it served (the checkpoint is registered first unless --model-uri says).
+validation images and their labels. One local Ray Serve holds one application per policy (fixed FF..F, fixed TT..T,
+the best fixed middle mask of the front, the adaptive deadline policy), each under its own route. First the capacity
+of fixed FF..F and of fixed TT..T (the highest rate at which 99 % of at least 200 requests meet the deadline, by
+bisection after a warm-up); then, in each of --repeats rounds, steady Poisson load at 0.5, 1, 1.5, 2 and 3 x the
+capacity of FF..F, and in each of --burst-repeats rounds a bursty trace (phases alternating between 0.5 x and 2.5 x
+that capacity), every policy replaying the same arrivals in turns; the bursty trace is also scored apart over the
+requests sent in its calm phases and over those sent in its bursts. Figures per run: deadline attainment (answered
+within the deadline / sent), effective accuracy (answered correctly within the deadline / sent), its expected value
+(each answer in time scores its mask's top-1 over the image pool: the same choices without the noise of which images
+a short run sent), p50/p99 latency, goodput and the mix of masks, as medians over the repeats with their range, and
+the paired difference of the adaptive policy against the best fixed one. At 0.1 x capacity, the server's own cost
+over the model's time, counted from the moment the client sent each request (its event loop sends about a
+millisecond after the scheduled time, which latencies and deadlines count but the server did not cause), split into
+the client and HTTP (a bare uvicorn server), Ray Serve's routing (an application that only answers) and this
+application. Writes serving.json, serving.md and serving.png to --out and logs them as an MLflow run linked to the
+registered model version it served (the checkpoint is registered first unless --model-uri says).
 """
 
 from __future__ import annotations
@@ -190,12 +190,17 @@ def replay(url: str, arrivals: list[float], images: tuple[list[bytes], list[int]
 
 
 def capacity(url: str, images: tuple[list[bytes], list[int]], slo_ms: float, seconds: float, start_rate: float,
-             steps: int) -> float:
-    """The highest Poisson rate at which 99 % of requests meet the deadline: double until it fails, then bisect."""
+             steps: int, min_requests: int = 200) -> float:
+    """The highest Poisson rate at which 99 % of requests meet the deadline: double until it fails, then bisect.
+
+    Each rate is judged on at least ``min_requests`` requests (over more than ``seconds`` if it takes longer), so
+    that one late answer cannot fail a low rate alone, and after a short warm-up at ``start_rate`` that is not
+    judged."""
     rng = np.random.default_rng(0)
+    replay(url, loadgen.poisson(start_rate, 2.0, rng), images, slo_ms)
 
     def meets(rate: float) -> bool:
-        answers = replay(url, loadgen.poisson(rate, seconds, rng), images, slo_ms)
+        answers = replay(url, loadgen.poisson(rate, max(seconds, min_requests / rate), rng), images, slo_ms)
         return loadgen.summarize(answers)["attainment"] >= 0.99
 
     lo, hi = 0.0, start_rate
