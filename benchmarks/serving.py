@@ -193,9 +193,8 @@ def capacity(url: str, images: tuple[list[bytes], list[int]], slo_ms: float, sec
              steps: int, min_requests: int = 200) -> float:
     """The highest Poisson rate at which 99 % of requests meet the deadline: double until it fails, then bisect.
 
-    Each rate is judged on at least ``min_requests`` requests (over more than ``seconds`` if it takes longer), so
-    that one late answer cannot fail a low rate alone, and after a short warm-up at ``start_rate`` that is not
-    judged."""
+    Each rate runs for ``seconds`` or until it has sent ``min_requests``, whichever is longer, so that one late
+    answer cannot fail a low rate alone; a short warm-up at ``start_rate`` comes first and is not judged."""
     rng = np.random.default_rng(0)
     replay(url, loadgen.poisson(start_rate, 2.0, rng), images, slo_ms)
 
