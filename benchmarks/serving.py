@@ -433,17 +433,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if min(args.repeats, args.burst_repeats) < 1 or args.seconds <= 0 or args.burst_seconds <= 0:
         p.error("--repeats, --burst-repeats, --seconds and --burst-seconds must be positive.")
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import TrackingError, resolve_tracking_uri
     from serving.model import locate
 
+    try:  # the images first: a bad --data must not leave a new registered version behind
+        images = validation_images(args.data, args.images)
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        model_uri = args.model_uri or register(args.checkpoint, tracking_uri)
+        weights, front = locate(None, None, model_uri, "cpu", tracking_uri)
+    except (ValueError, FileNotFoundError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     os.environ.update(serve_ingress_env(args.ingress, free_ports=True))  # before the local Ray starts
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    model_uri = args.model_uri or register(args.checkpoint, tracking_uri)
-    images = validation_images(args.data, args.images)
-    weights, front = locate(None, None, model_uri, "cpu", tracking_uri)
     masks = [m["mask"] for m in json.loads(front.read_text())["front"]]
     if args.middle and args.middle not in masks:
         p.error(f"--middle {args.middle} is not on the front ({', '.join(masks)}).")
