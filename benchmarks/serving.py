@@ -51,6 +51,7 @@ from serving import loadgen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADS = (0.5, 1.0, 1.5, 2.0, 3.0)
+CALM_X, BURST_X = 0.5, 2.5  # the bursty trace's phases, x the capacity of FF..F
 BURSTY = ("bursty", "bursty/calm", "bursty/burst")  # the whole trace, and its calm phases and bursts apart
 SCORES = {"attainment": "Deadline attainment (%)", "effective_accuracy": "Effective accuracy (%)",
           "expected_accuracy": "Expected effective accuracy (%, each answer in time scores its mask's top-1 on the "
@@ -212,10 +213,10 @@ def capacity(url: str, images: tuple[list[bytes], list[int]], slo_ms: float, sec
 
 
 def bursty(base: float, seconds: float, period_s: float) -> list[tuple[float, float]]:
-    """Phases alternating between 0.5 x and 2.5 x ``base`` (a quiet phase first)."""
+    """Phases alternating between ``CALM_X`` and ``BURST_X`` x ``base`` (a quiet phase first)."""
     phases, t, high = [], 0.0, False
     while t < seconds:
-        phases.append((base * (2.5 if high else 0.5), min(period_s, seconds - t)))
+        phases.append((base * (BURST_X if high else CALM_X), min(period_s, seconds - t)))
         t += period_s
         high = not high
     return phases
@@ -307,8 +308,8 @@ def table(results: dict[str, Any]) -> str:
              "repeat, the policies in turns.",
              f"The fixed middle mask was chosen by {results['middle']['chosen_by']}"
              + (f" ({scores})." if scores else "."),
-             "bursty/calm and bursty/burst score the bursty trace's requests sent in its calm phases (0.5 x) and "
-             "in its bursts (2.5 x) apart.", ""]
+             f"{BURSTY[1]} and {BURSTY[2]} score the bursty trace's requests sent in its calm phases ({CALM_X:g} x) "
+             f"and in its bursts ({BURST_X:g} x) apart.", ""]
     for key, title in SCORES.items():
         lines += [f"{title}:", "", "| load | " + " | ".join(policies) + " | adaptive - best fixed (paired) |",
                   "|---|" + "---|" * (len(policies) + 1)]
@@ -501,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in urls}
         traces: dict[str, list[dict[str, float]]] = {}
         names = list(urls)
+        trace = bursty(caps["super"], args.burst_seconds, args.period_s)
         for r in range(max(args.repeats, args.burst_repeats)):
             for k, x in enumerate(LOADS if r < args.repeats else ()):
                 arrivals = loadgen.poisson(x * caps["super"], args.seconds, np.random.default_rng(100 * r + k))
@@ -511,15 +513,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"repeat {r + 1}, {x:g} x")
             if r >= args.burst_repeats:
                 continue
-            trace = bursty(caps["super"], args.burst_seconds, args.period_s)
             arrivals = loadgen.phases(trace, np.random.default_rng(1000 + r))
             order = shuffled(images, 1000 + r)
             for name in names[r % len(names):] + names[:r % len(names)]:
                 answers = replay(urls[name], arrivals, order, slo)
-                runs[name].setdefault("bursty", []).append(loadgen.summarize(answers, args.burst_seconds, accuracy))
+                runs[name].setdefault(BURSTY[0], []).append(loadgen.summarize(answers, args.burst_seconds, accuracy))
                 for rate, (sent, seconds) in loadgen.by_rate(answers, trace).items():
                     if sent:
-                        part = "bursty/calm" if rate < caps["super"] else "bursty/burst"
+                        part = BURSTY[1] if rate < caps["super"] else BURSTY[2]
                         runs[name].setdefault(part, []).append(loadgen.summarize(sent, seconds, accuracy))
                 if r == 0:
                     traces[name] = trace_bins(answers, 1.0)
